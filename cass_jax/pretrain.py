@@ -1,0 +1,321 @@
+"""CASS pretraining: the train state, the jitted two-arm step, and the loop. Start reading here.
+
+One augmented batch goes through a CNN and a ViT; the loss pulls their L2-normalised logits together
+(`cass_loss`); both arms take an Adam step in the same jitted function. No labels are used.
+"""
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import periodic_actions
+
+from cass_jax import data as data_lib
+from cass_jax import parallel
+from cass_jax.checkpointing import Checkpointer
+from cass_jax.collapse import collapse_indicators, cross_arm_cosine
+from cass_jax.losses import cass_loss
+from cass_jax.models import create_model, init_variables
+from cass_jax.port import load_pretrained_variables, save_variables
+from cass_jax.reporting import ProgressLine, create_writer, flat_hparams, image_grid
+from cass_jax.schedules import make_schedule
+from cass_jax.weight_averaging import recompute_batch_stats, running_mean_update
+
+ARMS = ("cnn", "vit")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs, as one pytree (checkpointed whole by orbax)."""
+    step: jnp.ndarray
+    params: dict[str, Any]            # {"cnn": ..., "vit": ...}
+    batch_stats: dict[str, Any]       # {"cnn": ...}: the ViT has none
+    opt_state: dict[str, Any]         # {"cnn": ..., "vit": ...}
+    swa_params: dict[str, Any]        # running mean of params, per arm
+    swa_count: jnp.ndarray            # snapshots in the mean
+    rng: jnp.ndarray                  # base key; each step folds in its number
+
+
+@dataclasses.dataclass(frozen=True)
+class Arms:
+    """The two modules and their optimizers; static, closed over by the jitted step."""
+    cnn: flax.linen.Module
+    vit: flax.linen.Module
+    optimizers: dict[str, optax.GradientTransformation]
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], arms: Arms) -> tuple[TrainState, dict]:
+    """One CASS step: same images through both arms, cosine loss between logits, Adam update of both."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    images = batch["image"]
+
+    def loss_fn(params):
+        cnn_logits, cnn_updates = arms.cnn.apply(
+            {"params": params["cnn"], "batch_stats": state.batch_stats["cnn"]},
+            images, train=True, mutable=["batch_stats"])
+        vit_logits = arms.vit.apply({"params": params["vit"]}, images, train=True, rngs={"dropout": rng})
+        return cass_loss(cnn_logits, vit_logits), (cnn_updates["batch_stats"], cnn_logits, vit_logits)
+
+    (loss, (cnn_batch_stats, cnn_logits, vit_logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+
+    params, opt_state = {}, {}
+    for arm in ARMS:
+        updates, opt_state[arm] = arms.optimizers[arm].update(grads[arm], state.opt_state[arm], state.params[arm])
+        params[arm] = optax.apply_updates(state.params[arm], updates)
+
+    metrics = {"loss": loss, "cosine": cross_arm_cosine(cnn_logits, vit_logits)}
+    for arm, logits in (("cnn", cnn_logits), ("vit", vit_logits)):
+        metrics[f"grad_norm/{arm}"] = optax.global_norm(grads[arm])
+        metrics[f"param_norm/{arm}"] = optax.global_norm(params[arm])
+        for name, value in collapse_indicators(logits).items():
+            metrics[f"collapse/{arm}_{name}"] = value
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              batch_stats={"cnn": cnn_batch_stats})
+    return new_state, metrics
+
+
+def update_weight_average(state: TrainState) -> TrainState:
+    """Adds the current parameters to the running mean (called once per epoch in the averaging window)."""
+    return state.replace(swa_params=running_mean_update(state.swa_params, state.params, state.swa_count),
+                         swa_count=state.swa_count + 1)
+
+
+def build_arms(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> Arms:
+    """The CNN and ViT modules named in the config, and one Adam per arm with its own lr schedule."""
+    dtype = jnp.dtype(config.dtype)
+    cnn = create_model(config.cnn.name, num_classes=config.cnn.num_classes, dtype=dtype)
+    vit = create_model(config.vit.name, num_classes=config.vit.num_classes, dtype=dtype,
+                       img_size=config.data.image_size)
+    if cnn.num_classes != vit.num_classes:
+        raise ValueError(f"config.cnn.num_classes={config.cnn.num_classes} and config.vit.num_classes="
+                         f"{config.vit.num_classes} differ: CASS compares the two arms' outputs, so make them equal.")
+    optimizers = {}
+    for arm in ARMS:
+        schedule = make_schedule(
+            config.optim.schedule, config.optim[f"{arm}_lr"], total_steps, min_lr=config.optim.min_lr,
+            warmup_steps=int(config.optim.warmup_epochs * steps_per_epoch),
+            reference_t_max=config.optim.reference_t_max)
+        optimizers[arm] = optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
+    return Arms(cnn=cnn, vit=vit, optimizers=optimizers)
+
+
+def initial_state(config: ml_collections.ConfigDict, arms: Arms) -> TrainState:
+    """Fresh state: each arm random or loaded from a ported/exported weights file (`cnn.init`, `vit.init`)."""
+    rng = jax.random.PRNGKey(config.seed)
+    rng, cnn_rng, vit_rng = jax.random.split(rng, 3)
+    size = config.data.image_size
+    variables = {}
+    for arm, model, arm_rng in (("cnn", arms.cnn, cnn_rng), ("vit", arms.vit, vit_rng)):
+        init = config[arm].init
+        variables[arm] = (init_variables(model, arm_rng, size) if init == "random"
+                          else load_pretrained_variables(init, model, size, arm_rng))
+    params = {arm: variables[arm]["params"] for arm in ARMS}
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats={"cnn": variables["cnn"].get("batch_stats", {})},
+        opt_state={arm: arms.optimizers[arm].init(params[arm]) for arm in ARMS},
+        swa_params=jax.tree.map(jnp.copy, params),
+        swa_count=jnp.zeros((), jnp.int32),
+        rng=rng)
+
+
+def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
+    """Fails before anything compiles when a weights file named in the config is missing."""
+    for arm in ARMS:
+        init = config[arm].init
+        if init != "random" and not Path(init).is_file():
+            raise FileNotFoundError(
+                f"config.{arm}.init={init!r}: no such file. Port ImageNet weights first, e.g. "
+                f"`python -m cass_jax.port --model {config[arm].name} --source PATH --out {init}` "
+                f"(see the README), or set --config.{arm}.init=random.")
+
+
+def _check_finite(metrics: dict, step: int) -> None:
+    loss, grads = float(metrics["loss"]), [float(metrics[f"grad_norm/{arm}"]) for arm in ARMS]
+    if not np.isfinite([loss, *grads]).all():
+        raise FloatingPointError(
+            f"Non-finite loss or gradient at step {step} (loss={loss}, grad norms={grads}). The run stopped; "
+            "the last checkpoint holds the last good state. Lower the learning rate or use dtype=float32.")
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
+    """Runs (or resumes) CASS pretraining in `workdir` and exports both arms.
+
+    Returns the export description (`export/arms.json` with absolute paths), or None when the run halted
+    early on `config.halt_after_steps` (rerun the same command to continue).
+    """
+    workdir = Path(workdir).absolute()
+    check_inputs_exist(config)
+    splits = data_lib.load_splits(config.data)
+    train_source = splits.train
+    steps_per_epoch = data_lib.steps_per_epoch(len(train_source), config.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"The training split has {len(train_source)} images, fewer than one batch "
+                         f"(batch_size={config.batch_size}); lower --config.batch_size.")
+    total_steps = steps_per_epoch * config.num_epochs
+    swa_start_epoch = int(config.swa.start_fraction * config.num_epochs)
+
+    mesh = parallel.data_mesh()
+    replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    arms = build_arms(config, total_steps, steps_per_epoch)
+    state = jax.device_put(initial_state(config, arms), replicated)
+    step_fn = jax.jit(functools.partial(train_step, arms=arms), in_shardings=(replicated, batch_sharding),
+                      out_shardings=(replicated, replicated), donate_argnums=0)
+    average_fn = jax.jit(update_weight_average, donate_argnums=0)
+
+    iterator = data_lib.train_iterator(
+        train_source, config.data, batch_size=parallel.per_process_batch_size(config.batch_size),
+        seed=config.seed, augment=config.data.augment != "none",
+        shard_index=jax.process_index(), shard_count=jax.process_count())
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
+                                every_steps=config.checkpoint_every_steps)
+    start_step = checkpointer.latest_step() or 0
+    if start_step:
+        state = checkpointer.restore(start_step, state, iterator)
+        logging.info("Resumed from the checkpoint at step %d of %d.", start_step, total_steps)
+
+    writer = create_writer(workdir)
+    if start_step == 0:
+        writer.write_hparams(flat_hparams(config))
+    progress = ProgressLine(total_steps, config.batch_size, start_step)
+    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+    logging.info("CASS pretraining: %s + %s, %d images, %d steps/epoch, %d epochs, weight averaging from epoch %d.",
+                 config.cnn.name, config.vit.name, len(train_source), steps_per_epoch, config.num_epochs,
+                 swa_start_epoch + 1 if config.swa.enabled else -1)
+
+    pending, interval = None, []
+    collapse_reference = None
+    for step in range(start_step + 1, total_steps + 1):
+        local_batch = next(iterator)
+        if step == 1:
+            writer.write_images(0, {"augmented_inputs": image_grid(
+                local_batch["image"], config.data.mean, config.data.std)[None]})
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+            state, metrics = step_fn(state, parallel.to_global_batch(local_batch, batch_sharding))
+        if pending is not None:
+            _check_finite(*pending)
+        pending = (metrics, step)
+        interval.append(metrics)
+        report_progress(step)
+
+        epoch_done = step % steps_per_epoch == 0
+        if config.swa.enabled and epoch_done and step // steps_per_epoch > swa_start_epoch:
+            state = average_fn(state)
+
+        if step % config.log_every_steps == 0 or step == total_steps:
+            scalars = {k: float(v) for k, v in jax.tree.map(lambda *xs: np.mean(xs), *interval).items()}
+            interval = []
+            collapse_reference = _warn_on_collapse(scalars, collapse_reference, config.collapse_warning_fraction)
+            scalars["lr/cnn"] = float(state.opt_state["cnn"].hyperparams["learning_rate"])
+            scalars["lr/vit"] = float(state.opt_state["vit"].hyperparams["learning_rate"])
+            scalars["images_per_second"] = progress.images_per_second(step)
+            scalars["epoch"] = step / steps_per_epoch
+            writer.write_scalars(step, scalars)
+            progress.log(step, {k: scalars[k] for k in ("loss", "cosine", "lr/cnn")},
+                         scalars["images_per_second"])
+
+        halting = config.halt_after_steps > 0 and step - start_step >= config.halt_after_steps
+        if checkpointer.should_save(step) or step == total_steps or halting:
+            _check_finite(*pending)
+            checkpointer.save(step, state, iterator)
+        if halting and step < total_steps:
+            logging.info("Halting at step %d (config.halt_after_steps); rerun the same command to resume.", step)
+            checkpointer.wait()
+            writer.flush()
+            return None
+
+    checkpointer.wait()
+    exports = export_arms(config, workdir, arms, state, train_source, steps_per_epoch)
+    writer.flush()
+    return exports
+
+
+def _warn_on_collapse(scalars: dict, reference: dict | None, fraction: float) -> dict:
+    """Warns when an arm's output spread falls below `fraction` of its first logged value."""
+    current = {arm: scalars[f"collapse/{arm}_std"] for arm in ARMS}
+    if reference is None:
+        return current
+    for arm in ARMS:
+        if current[arm] < fraction * reference[arm]:
+            logging.warning(
+                "Possible collapse: the %s arm's output std is %.3g, below %.0f%% of its first value %.3g; "
+                "every image is getting the same output. See the README on collapse.",
+                arm, current[arm], 100 * fraction, reference[arm])
+    return reference
+
+
+def export_arms(config: ml_collections.ConfigDict, workdir: Path, arms: Arms, state: TrainState,
+                train_source: Any, steps_per_epoch: int) -> dict:
+    """Writes `export/{cnn,vit}.msgpack` (final weights) and `*_swa.msgpack` (averaged), plus arms.json.
+
+    Each file is a `{"params", "batch_stats"}` variables dict: `create_model(name)` plus
+    `cass_jax.port.load_variables(path)` restores an arm. The averaged CNN gets BatchNorm statistics measured
+    for its own weights, over one pass of the training split without augmentation (the statistics
+    downstream evaluation sees).
+    """
+    export_dir = workdir / "export"
+    state = jax.device_get(state)
+    description = {}
+    for arm, model in (("cnn", arms.cnn), ("vit", arms.vit)):
+        description[arm] = {"name": config[arm].name, "num_classes": config[arm].num_classes,
+                            "image_size": config.data.image_size, "raw": f"{arm}.msgpack"}
+        variables = {"params": state.params[arm]}
+        if arm == "cnn":
+            variables["batch_stats"] = state.batch_stats["cnn"]
+        if jax.process_index() == 0:
+            save_variables(export_dir / f"{arm}.msgpack", variables)
+        if config.swa.enabled and int(state.swa_count) > 0:
+            averaged = {"params": state.swa_params[arm]}
+            if arm == "cnn":
+                averaged["batch_stats"] = _batch_stats_for(model, config, state.swa_params["cnn"],
+                                                           state.batch_stats["cnn"], train_source,
+                                                           steps_per_epoch)
+            if jax.process_index() == 0:
+                save_variables(export_dir / f"{arm}_swa.msgpack", averaged)
+            description[arm]["swa"] = f"{arm}_swa.msgpack"
+            description[arm]["swa_snapshots"] = int(state.swa_count)
+    if jax.process_index() == 0:
+        (export_dir / "arms.json").write_text(json.dumps(description, indent=2))
+    logging.info("Exported both arms to %s", export_dir)
+    return resolve_exports(description, export_dir)
+
+
+def resolve_exports(description: dict, export_dir: Path) -> dict:
+    """arms.json with its file names made absolute paths."""
+    resolved = json.loads(json.dumps(description))
+    for arm in resolved.values():
+        for key in ("raw", "swa"):
+            if key in arm:
+                arm[key] = str(export_dir / arm[key])
+    return resolved
+
+
+def read_exports(workdir: str | Path) -> dict | None:
+    """The exports of a finished pretraining in `workdir`, or None when there is none."""
+    path = Path(workdir).absolute() / "export" / "arms.json"
+    return resolve_exports(json.loads(path.read_text()), path.parent) if path.is_file() else None
+
+
+def _batch_stats_for(model, config, params, batch_stats, train_source, steps_per_epoch) -> Any:
+    def apply_train(p, stats, images):
+        _, updates = model.apply({"params": p, "batch_stats": stats}, images, train=True, mutable=["batch_stats"])
+        return updates["batch_stats"]
+
+    iterator = data_lib.train_iterator(
+        train_source, config.data, batch_size=parallel.per_process_batch_size(config.batch_size),
+        seed=config.seed, augment=False, shard_index=jax.process_index(), shard_count=jax.process_count())
+    mesh = parallel.data_mesh()
+    batches = (parallel.to_global_batch(next(iterator), parallel.batch_sharding(mesh))["image"]
+               for _ in range(steps_per_epoch))
+    return jax.device_get(recompute_batch_stats(apply_train, params, batch_stats, batches))

@@ -1,0 +1,21 @@
+"""Dispatch on `config.mode`: the one entry point main.py (or another program) calls."""
+
+from pathlib import Path
+
+import ml_collections
+
+MODES = ("pretrain", "finetune", "linear_probe", "pipeline")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
+    """Runs the experiment `config` describes, writing everything under `workdir`."""
+    if config.mode == "pretrain":
+        from cass_jax.pretrain import pretrain
+        return pretrain(config, workdir)
+    if config.mode in ("finetune", "linear_probe"):
+        from cass_jax import finetune
+        return finetune.run(config, workdir)
+    if config.mode == "pipeline":
+        from cass_jax.pipeline import run_pipeline
+        return run_pipeline(config, workdir)
+    raise ValueError(f"Unknown config.mode={config.mode!r}; use one of {', '.join(MODES)}.")

@@ -1,0 +1,34 @@
+"""Runs one experiment: `python main.py --config=configs/demo.py [--workdir=runs/demo] [--config.key=value]`."""
+
+from pathlib import Path
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cass_jax.run import run
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output folder: TensorBoard events, checkpoints/, export/, results. "
+                    "Default: runs/<config file name>. Rerunning with the same workdir resumes.")
+flags.DEFINE_bool("distributed", False, "Join a multi-host run with jax.distributed.initialize() "
+                  "(arguments from the flags below or the cluster's environment).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --distributed.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for --distributed.")
+flags.DEFINE_integer("process_id", None, "This process's index, for --distributed.")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.distributed:
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    workdir = FLAGS.workdir or str(Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
+    logging.info("Workdir: %s; devices: %s", workdir, jax.devices())
+    run(FLAGS.config, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
