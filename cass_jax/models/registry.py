@@ -1,0 +1,82 @@
+"""Model names (timm's spelling) -> configured flax modules, and variable initialisation."""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from cass_jax.models.resnet import RESNET_DEPTHS, BasicBlock, ResNet, resnet
+from cass_jax.models.vit import VIT_WIDTHS, VisionTransformer
+
+
+def _resnet_tiny(num_classes: int, dtype: Any) -> ResNet:
+    return ResNet(
+        stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64, 128), stem_width=16,
+        num_classes=num_classes, dtype=dtype,
+    )
+
+
+def _vit(width: str, patch_size: int, default_img_size: int) -> Callable[..., VisionTransformer]:
+    def build(num_classes: int, dtype: Any, img_size: int = default_img_size) -> VisionTransformer:
+        return VisionTransformer(
+            img_size=img_size, patch_size=patch_size, num_classes=num_classes, dtype=dtype, **VIT_WIDTHS[width]
+        )
+
+    return build
+
+
+def _vit_micro(num_classes: int, dtype: Any, img_size: int = 224) -> VisionTransformer:
+    return VisionTransformer(
+        img_size=img_size, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0,
+        num_classes=num_classes, dtype=dtype,
+    )
+
+
+MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    **{f"resnet{depth}": functools.partial(resnet, depth) for depth in RESNET_DEPTHS},
+    **{f"vit_{width}_patch{patch}_{size}": _vit(width, patch, size)
+       for width in VIT_WIDTHS for patch in (16, 32) for size in (224, 384)
+       if (width, patch) != ("tiny", 32)},  # timm has no vit_tiny_patch32
+    "resnet_tiny": _resnet_tiny,
+    "vit_micro_patch16": _vit_micro,
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by create_model."""
+    return sorted(MODEL_BUILDERS)
+
+
+def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32, **kwargs: Any) -> nn.Module:
+    """Builds a model by timm name (`resnet50`, `vit_base_patch16_384`, ...).
+
+    `num_classes=0` removes the head (the model returns pooled features). ViTs accept `img_size=` to
+    override the size in the name; ResNets take no extra kwargs.
+    """
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"Unknown model name {name!r}; known names: {', '.join(list_models())}.")
+    if num_classes < 0:
+        raise ValueError(f"num_classes must be >= 0 (0 = no head), got {num_classes} for {name!r}.")
+    try:
+        return MODEL_BUILDERS[name](num_classes=num_classes, dtype=dtype, **kwargs)
+    except TypeError as error:
+        raise ValueError(f"Bad keyword arguments {sorted(kwargs)} for model {name!r}: {error}") from None
+
+
+def is_vit(model: nn.Module) -> bool:
+    return isinstance(model, VisionTransformer)
+
+
+def init_variables(model: nn.Module, rng: jax.Array, image_size: int, batch_size: int = 1) -> dict:
+    """Initialises `model` on a zero NHWC batch; returns plain nested dicts ({"params"[, "batch_stats"]})."""
+    dummy = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
+    variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+    return _to_plain_dict(variables)
+
+
+def _to_plain_dict(tree: Any) -> Any:
+    if hasattr(tree, "items"):
+        return {key: _to_plain_dict(value) for key, value in tree.items()}
+    return tree

@@ -1,0 +1,136 @@
+"""Vision Transformer (timm's VisionTransformer with class-token pooling) as plain flax.linen modules.
+
+Pre-norm blocks with LayerNorm eps 1e-6, fused qkv projection and exact (erf) GELU, as timm: Flax's
+default `nn.gelu` is the tanh approximation and would not match the PyTorch weights. Attention is
+plain einsum attention with the softmax in float32. Input is NHWC.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+dense_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def dense(features: int, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=dense_kernel_init, name=name)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused `qkv` Dense (timm's layout) and an output `proj`."""
+
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, tokens, dim = x.shape
+        head_dim = dim // self.num_heads
+        qkv = dense(3 * dim, self.dtype, "qkv")(x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q * (head_dim**-0.5), k)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, dim)
+        return dense(dim, self.dtype, "proj")(out)
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> fc2."""
+
+    hidden_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = dense(self.hidden_dim, self.dtype, "fc1")(x)
+        y = nn.gelu(y, approximate=False)
+        return dense(x.shape[-1], self.dtype, "fc2")(y)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    num_heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + Attention(self.num_heads, self.dtype, name="attn")(layer_norm(self.dtype, "norm1")(x))
+        return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "norm2")(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with patch embedding, class token, learned position embeddings, final norm and `head`.
+
+    The position-embedding shape follows `img_size`; inputs of another size raise a ValueError
+    (load_pretrained_variables resamples position embeddings when sizes differ). Returns logits,
+    or the class-token features when num_classes == 0; `return_features=True` gives (logits, features).
+    `train` is accepted for interface parity with ResNet; there is no dropout.
+    """
+
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    dtype: Any = jnp.float32
+
+    @property
+    def num_features(self) -> int:
+        return self.embed_dim
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"ViT img_size={self.img_size} is not a multiple of patch_size={self.patch_size}; "
+                f"choose an image size divisible by {self.patch_size}."
+            )
+        if x.ndim != 4 or x.shape[1:3] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"ViT built for NHWC input of {self.img_size}x{self.img_size}, got shape {x.shape}; "
+                f"create the model with img_size={x.shape[1] if x.ndim == 4 else '...'} "
+                f"(pretrained position embeddings are resampled by load_pretrained_variables)."
+            )
+        x = x.astype(self.dtype)
+        x = nn.Conv(
+            self.embed_dim, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
+            padding="VALID", dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
+        )(x)
+        batch = x.shape[0]
+        x = x.reshape(batch, -1, self.embed_dim)
+        cls_token = self.param("cls_token", nn.initializers.normal(stddev=1e-6), (1, 1, self.embed_dim))
+        pos_embed = self.param(
+            "pos_embed", nn.initializers.truncated_normal(stddev=0.02), (1, self.grid_size**2 + 1, self.embed_dim)
+        )
+        x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, self.embed_dim)), x], axis=1)
+        x = x + pos_embed.astype(self.dtype)
+        mlp_dim = int(self.embed_dim * self.mlp_ratio)
+        for index in range(self.depth):
+            x = EncoderBlock(self.num_heads, mlp_dim, self.dtype, name=f"blocks_{index}")(x)
+        x = layer_norm(self.dtype, "norm")(x)
+        features = x[:, 0]
+        logits = features if self.num_classes == 0 else dense(self.num_classes, self.dtype, "head")(features)
+        return (logits, features) if return_features else logits
+
+
+VIT_WIDTHS: dict[str, dict[str, int]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
