@@ -1,5 +1,6 @@
 """Runs one experiment: `python main.py --config=configs/demo.py [--workdir=runs/demo] [--config.key=value]`."""
 
+import sys
 from pathlib import Path
 
 import jax
@@ -27,7 +28,13 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = FLAGS.workdir or str(Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
     logging.info("Workdir: %s; devices: %s", workdir, jax.devices())
-    run(FLAGS.config, workdir)
+    try:
+        run(FLAGS.config, workdir)
+    except (FileNotFoundError, ValueError) as error:
+        if FLAGS.verbosity > 0:
+            raise
+        print(f"error: {error} (rerun with --verbosity=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -174,10 +174,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
                       out_shardings=(replicated, replicated), donate_argnums=0)
     average_fn = jax.jit(update_weight_average, donate_argnums=0)
 
+    local_batch_size = parallel.per_process_batch_size(config.batch_size)
+    logging.info("process %d of %d reads %d images of each global batch of %d", jax.process_index(),
+                 jax.process_count(), local_batch_size, config.batch_size)
     iterator = data_lib.train_iterator(
-        train_source, config.data, batch_size=parallel.per_process_batch_size(config.batch_size),
-        seed=config.seed, augment=config.data.augment != "none",
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+        train_source, config.data, batch_size=local_batch_size, seed=config.seed,
+        augment=config.data.augment != "none", shard_index=jax.process_index(), shard_count=jax.process_count())
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
                                 every_steps=config.checkpoint_every_steps)
     start_step = checkpointer.latest_step() or 0

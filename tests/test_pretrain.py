@@ -1,0 +1,135 @@
+"""CASS pretraining end to end with tiny arms: learning, TensorBoard, export, resume, errors, real data."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from cass_jax.models import create_model
+from cass_jax.port import load_variables
+from cass_jax.pretrain import pretrain, read_exports
+from configs.common import base_config, tiny_arms
+
+REPO = Path(__file__).resolve().parents[1]
+BRAIN_MRI = REPO.parent / "shared" / "data" / "brain_mri_small"
+
+
+def tiny_config(**overrides):
+    """Tiny arms on 64 synthetic phantoms at 128 px: 6 steps per epoch of 8 images."""
+    c = base_config()
+    tiny_arms(c, image_size=128)
+    c.data.source = "synthetic"
+    c.data.synthetic_num_images = 64
+    c.data.synthetic_size = 128
+    c.batch_size = 8
+    c.num_epochs = 2
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 1000
+    c.swa.start_fraction = 0.5
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def read_events(logdir: Path) -> tuple[dict[str, list[float]], set[str]]:
+    """Scalar series and all tags from the TensorBoard event files in `logdir`."""
+    import tensorflow as tf
+    scalars, tags = {}, set()
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.add(value.tag)
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    return scalars, tags
+
+
+def final_state_params(workdir: Path) -> dict:
+    manager = ocp.CheckpointManager(workdir / "checkpoints")
+    step = manager.latest_step()
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+    return restored["params"]
+
+
+def test_pretraining_learns_logs_and_exports(tmp_path):
+    config = tiny_config(num_epochs=4, **{"optim.schedule": "constant"})
+    exports = pretrain(config, tmp_path)
+
+    scalars, tags = read_events(tmp_path)
+    losses = scalars["loss"]
+    assert len(losses) == 24
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
+    for tag in ("loss", "cosine", "lr/cnn", "lr/vit", "grad_norm/cnn", "grad_norm/vit", "param_norm/vit",
+                "collapse/cnn_std", "collapse/vit_pairwise_cosine", "images_per_second", "steps_per_sec"):
+        assert tag in scalars, tag
+    assert "augmented_inputs" in tags
+
+    assert set(exports) == {"cnn", "vit"}
+    assert exports["cnn"]["swa_snapshots"] == 2          # epochs 3 and 4 of 4
+    assert read_exports(tmp_path) == exports
+    params = final_state_params(tmp_path)
+    images = np.random.default_rng(0).normal(size=(2, 128, 128, 3)).astype(np.float32)
+    for arm in ("cnn", "vit"):
+        model = create_model(exports[arm]["name"], num_classes=exports[arm]["num_classes"],
+                             **({"img_size": 128} if arm == "vit" else {}))
+        exported = load_variables(exports[arm]["raw"])
+        np.testing.assert_array_equal(
+            np.asarray(model.apply(exported, images, train=False)),
+            np.asarray(model.apply({**exported, "params": params[arm]}, images, train=False)))
+        averaged = load_variables(exports[arm]["swa"])
+        assert jax.tree.structure(averaged["params"]) == jax.tree.structure(exported["params"])
+        assert np.isfinite(np.asarray(model.apply(averaged, images, train=False))).all()
+
+
+def test_resume_gives_identical_parameters(tmp_path):
+    uninterrupted = pretrain(tiny_config(), tmp_path / "straight")
+    assert pretrain(tiny_config(halt_after_steps=5), tmp_path / "resumed") is None
+    assert ocp.CheckpointManager(tmp_path / "resumed" / "checkpoints").latest_step() == 5
+    resumed = pretrain(tiny_config(), tmp_path / "resumed")
+    for arm in ("cnn", "vit"):
+        for kind in ("raw", "swa"):
+            a, b = load_variables(uninterrupted[arm][kind]), load_variables(resumed[arm][kind])
+            jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_missing_weights_file_is_reported_before_compiling(tmp_path):
+    config = tiny_config(**{"cnn.init": str(tmp_path / "nope.msgpack")})
+    with pytest.raises(FileNotFoundError, match=r"config.cnn.init=.*nope.msgpack.*cass_jax.port"):
+        pretrain(config, tmp_path)
+
+
+def run_main(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_cli_rejects_unknown_config_key():
+    result = run_main("--config=configs/demo.py", "--config.xyz=1", "--workdir=/tmp/unused")
+    assert result.returncode != 0
+    assert "xyz" in result.stderr
+
+
+def test_cli_missing_dataset_dir_is_one_clear_line(tmp_path):
+    result = run_main("--config=configs/cass_brain_mri.py:smoke", f"--config.data.path={tmp_path / 'absent'}",
+                      f"--workdir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "absent" in last, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not BRAIN_MRI.is_dir(), reason="../shared/data/brain_mri_small is absent")
+def test_real_brain_mri_smoke_run(tmp_path):
+    result = run_main("--config=configs/cass_brain_mri.py:smoke", f"--config.data.path={BRAIN_MRI}",
+                      "--config.mode=pretrain", "--config.halt_after_steps=12", f"--workdir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 10/" in result.stderr
+    assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 12
