@@ -234,7 +234,7 @@ def train_step(state: DownstreamState, batch: Mapping[str, jax.Array], lr: jax.A
     trainable = optax.apply_updates(trainable, jax.tree.map(lambda u: -lr * u, updates))
     params = {**state.params, "head": trainable} if protocol == "linear_probe" else trainable
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_batch_stats, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"))
