@@ -102,7 +102,7 @@ def perspective(image: Image.Image, start, end) -> Image.Image:
 
 
 def rotate(image: Image.Image, degrees: float) -> Image.Image:
-  """Rotates counter-clockwise about the image centre; nearest neighbour, black fill.
+  """Rotates clockwise (torchvision F.affine's convention) about the centre; nearest, black fill.
 
   The inverse matrix of torchvision F.affine(angle, translate=0, scale=1, shear=0) on PIL images,
   centred at (w/2, h/2) as torchvision does.
