@@ -65,7 +65,7 @@ def test_synthetic_is_deterministic_balanced_and_split_80_10_10():
 
 
 def test_synthetic_is_not_trivial_for_a_linear_probe_on_random_features():
-  from sklearn.linear_model import LogisticRegression
+  from sklearn.linear_model import RidgeClassifier
 
   source = SyntheticSource(400, 64, seed=0)
   images = np.stack([source[i]["image"][..., 0] for i in range(len(source))]).astype(np.float32) / 255.0
@@ -74,11 +74,11 @@ def test_synthetic_is_not_trivial_for_a_linear_probe_on_random_features():
   # Random-init "network": a fixed random projection with ReLU; a linear probe on it must not be perfect.
   weights = np.random.default_rng(0).normal(size=(pixels.shape[1], 256)).astype(np.float32) / 64.0
   features = np.maximum(pixels @ weights, 0)
-  random_probe = LogisticRegression(max_iter=3000).fit(features[:300], labels[:300]).score(features[300:], labels[300:])
+  random_probe = RidgeClassifier().fit(features[:300], labels[:300]).score(features[300:], labels[300:])
   assert random_probe < 0.9, random_probe
   # The classes do differ in the pixels: a probe on raw pixels is above chance (0.25); all data are seeded.
-  pixel_probe = LogisticRegression(max_iter=3000).fit(pixels[:300], labels[:300]).score(pixels[300:], labels[300:])
-  assert pixel_probe > 0.3, pixel_probe
+  pixel_probe = RidgeClassifier().fit(pixels[:300], labels[:300]).score(pixels[300:], labels[300:])
+  assert pixel_probe > 0.35, pixel_probe
 
 
 # ---- class folders ------------------------------------------------------------------------------
