@@ -82,6 +82,20 @@ def test_augment_is_a_function_of_the_generator():
   assert len(outputs) == 5
 
 
+def test_gray_fast_path_gives_the_same_pixels_as_rgb():
+  gray = np.asarray(_image((40, 36)).convert("L"))
+  record = {"image": np.repeat(gray[:, :, None], 3, axis=2), "label": 0, "id": "g"}
+  assert T.to_pil(record["image"]).mode == "L"
+  fast = T.CassAugment(image_size=48, group_probability=1.0, jitter_with_rotation=True)
+  slow = T.CassAugment(image_size=48, group_probability=1.0, jitter_with_rotation=True, gray_fast_path=False)
+  for seed in range(12):
+    a = fast(record, np.random.default_rng(seed))["image"]
+    b = slow(record, np.random.default_rng(seed))["image"]
+    assert a.shape == b.shape == (48, 48, 3)
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(T.EvalTransform(48)(record)["image"], T.EvalTransform(48, False)(record)["image"])
+
+
 def test_decode_converts_grayscale_and_names_bad_files(tmp_path):
   import io
 

@@ -128,15 +128,35 @@ def normalize_batch(images: np.ndarray, mean: Sequence[float], std: Sequence[flo
   return out
 
 
+def to_pil(array: np.ndarray, gray_fast_path: bool = True) -> Image.Image:
+  """uint8 (H, W, 3) -> PIL image; mode "L" when all three channels are equal.
+
+  Every CASS operation treats channels alike (resize, warps, brightness) or, on a gray image, uses
+  the image's own gray values (contrast's mean, saturation's grayscale: PIL's RGB->L weights sum to
+  exactly 1), so working on one channel gives the same pixels 3x cheaper. Most MRI files are gray.
+  """
+  if gray_fast_path and array.ndim == 3 and array.shape[2] == 3:
+    gray = array[:, :, 0]
+    if np.array_equal(gray, array[:, :, 1]) and np.array_equal(gray, array[:, :, 2]):
+      return Image.fromarray(np.ascontiguousarray(gray), "L")
+  return Image.fromarray(array)
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+  """PIL image -> uint8 (H, W, 3)."""
+  return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
   """Evaluation transform: RGB uint8 image -> resized uint8 image (normalised later, per batch)."""
 
   image_size: int
+  gray_fast_path: bool = True
 
   def __call__(self, record: Record) -> Record:
-    image = Image.fromarray(record["image"])
-    return {**record, "image": np.asarray(resize(image, self.image_size))}
+    image = to_pil(record["image"], self.gray_fast_path)
+    return {**record, "image": to_rgb_array(resize(image, self.image_size))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +173,8 @@ class CassAugment:
   - random numbers come from the NumPy generator grain derives from (seed, epoch, example index),
     not from torch's global generator, so draws differ from a torch run (distributions are the same);
   - flips are done on the uint8 array and normalisation happens once per batch (same values);
+  - images whose three channels are equal are processed as one gray channel (same values, see
+    `to_pil`; `gray_fast_path=False` turns this off);
   - perspective coefficients are solved with NumPy lstsq instead of torch gels (same float32 result
     up to rounding).
   """
@@ -165,6 +187,7 @@ class CassAugment:
   group_probability: float = 0.3
   flip_probability: float = 0.3
   jitter_with_rotation: bool = False
+  gray_fast_path: bool = True
 
   def augment(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
     """Returns the augmented, resized uint8 (S, S, 3) array."""
@@ -178,7 +201,7 @@ class CassAugment:
       if self.jitter_with_rotation:
         image = color_jitter(image, rng, self.jitter, self.jitter, self.jitter)
       image = rotate(image, float(rng.uniform(-self.degrees, self.degrees)))
-    array = np.asarray(image)
+    array = to_rgb_array(image)
     if rng.random() < self.flip_probability:
       array = array[::-1]
     if rng.random() < self.flip_probability:
@@ -186,4 +209,4 @@ class CassAugment:
     return array
 
   def __call__(self, record: Record, rng: np.random.Generator) -> Record:
-    return {**record, "image": self.augment(Image.fromarray(record["image"]), rng)}
+    return {**record, "image": self.augment(to_pil(record["image"], self.gray_fast_path), rng)}
