@@ -75,8 +75,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], arms: Arms) -> tu
 
     metrics = {"loss": loss, "cosine": cross_arm_cosine(cnn_logits, vit_logits)}
     for arm, logits in (("cnn", cnn_logits), ("vit", vit_logits)):
-        metrics[f"grad_norm/{arm}"] = optax.global_norm(grads[arm])
-        metrics[f"param_norm/{arm}"] = optax.global_norm(params[arm])
+        metrics[f"grad_norm/{arm}"] = optax.tree.norm(grads[arm])
+        metrics[f"param_norm/{arm}"] = optax.tree.norm(params[arm])
         for name, value in collapse_indicators(logits).items():
             metrics[f"collapse/{arm}_{name}"] = value
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
