@@ -1,0 +1,12 @@
+"""Test-session settings: a persistent XLA compilation cache shared by every test and subprocess.
+
+Many tests build the same tiny arms; compiling each step once instead of per test keeps CI short.
+"""
+
+import os
+from pathlib import Path
+
+_CACHE = Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
