@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,18 +24,27 @@ from cass_jax.data import default_data_config, folder_sources, train_iterator  #
 from cass_jax.data.transforms import CassAugment, decode_image, resize  # noqa: E402
 
 
-def grain_images_per_second(source, image_size: int, batch_size: int, num_batches: int) -> float:
+def grain_images_per_second(
+    source, image_size: int, batch_size: int, num_batches: int, workers: int = 0, gray_fast_path: bool = True
+) -> tuple[float, float]:
+  """(images/s, CPU ms per image) of cass_jax's train_iterator."""
   config = default_data_config()
-  config.image_size, config.read_threads, config.prefetch_batches, config.workers = image_size, 1, 2, 0
+  config.gray_fast_path = gray_fast_path
+  config.image_size, config.read_threads, config.prefetch_batches, config.workers = image_size, 1, 2, workers
   iterator = train_iterator(source, config, batch_size=batch_size, seed=0, augment=True)
-  next(iterator)
-  start = time.perf_counter()
+  for _ in range(1 + workers):  # warm-up: worker start-up
+    next(iterator)
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(num_batches):
     next(iterator)
-  return num_batches * batch_size / (time.perf_counter() - start)
+  images = num_batches * batch_size
+  rate, cpu_ms = images / (time.perf_counter() - start), (time.process_time() - cpu) / images * 1e3
+  iterator.close()
+  return rate, cpu_ms
 
 
-def torch_images_per_second(paths, labels, image_size: int, batch_size: int, num_batches: int) -> float:
+def torch_images_per_second(paths, labels, image_size: int, batch_size: int, num_batches: int) -> tuple[float, float]:
+  """(images/s, CPU ms per image) of the equivalent torchvision Compose + DataLoader."""
   import torch
   import torchvision.transforms as T
   from PIL import Image
@@ -65,41 +73,42 @@ def torch_images_per_second(paths, labels, image_size: int, batch_size: int, num
       return transform(image), int(labels[i])
 
   loader = torch.utils.data.DataLoader(Files(), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
-  done, start = 0, None
-  while done < num_batches + 1:
-    for _ in loader:
-      if start is None:
-        start = time.perf_counter()  # the first batch is warm-up, as for grain
-      else:
-        done += 1
-      if done == num_batches + 1 or (start is not None and done == num_batches):
-        return num_batches * batch_size / (time.perf_counter() - start)
-  raise AssertionError("unreachable")
+  batches = iter(loader)
+  next(batches)  # warm-up, as for grain
+  done, start, cpu = 0, time.perf_counter(), time.process_time()
+  while done < num_batches:
+    try:
+      next(batches)
+      done += 1
+    except StopIteration:
+      batches = iter(loader)
+  images = num_batches * batch_size
+  return images / (time.perf_counter() - start), (time.process_time() - cpu) / images * 1e3
 
 
-def stage_costs_ms(source, image_size: int, count: int = 100) -> dict[str, float]:
-  """Per-image milliseconds of each CPU stage, to see where the time goes."""
+def stage_costs_ms(source, image_size: int, count: int = 96) -> dict[str, float]:
+  """Per-image milliseconds of each CPU stage of the cass_jax pipeline, to see where the time goes."""
   from PIL import Image
 
-  from cass_jax.data.transforms import normalize_batch
+  from cass_jax.data.loader import NormalizeBatch
 
   rows = [int(r) for r in source.rows[:count]]
   encoded = [source.encoded_bytes(r) for r in rows]
+
+  def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, (time.perf_counter() - start) / count * 1e3
+
   costs = {}
-  start = time.perf_counter()
-  decoded = [decode_image(data, "") for data in encoded]
-  costs["decode"] = (time.perf_counter() - start) / count * 1e3
-  start = time.perf_counter()
-  resized = [resize(Image.fromarray(x), image_size) for x in decoded]
-  costs["resize"] = (time.perf_counter() - start) / count * 1e3
+  decoded, costs["decode JPEG -> RGB"] = timed(lambda: [decode_image(data, "") for data in encoded])
+  _, costs["resize (RGB, as torchvision)"] = timed(lambda: [resize(Image.fromarray(x), image_size) for x in decoded])
   augment, rng = CassAugment(image_size), np.random.default_rng(0)
-  start = time.perf_counter()
-  augmented = [augment.augment(Image.fromarray(x), rng) for x in decoded]
-  costs["resize+augment"] = (time.perf_counter() - start) / count * 1e3
-  start = time.perf_counter()
-  normalize_batch(np.stack(augmented), (0.5,) * 3, (0.5,) * 3)
-  costs["normalize (naive broadcast)"] = (time.perf_counter() - start) / count * 1e3
-  del resized
+  records = [{"image": x, "label": 0, "id": ""} for x in decoded]
+  augmented, costs["resize + CASS augment"] = timed(lambda: [augment(r, rng) for r in records])
+  normalize = NormalizeBatch((0.5,) * 3, (0.5,) * 3)
+  # Each batch is dropped before the next is built, as in training, so its memory gets reused.
+  _, costs["normalise + batch"] = timed(lambda: [normalize(augmented[i : i + 16])["image"].shape for i in range(0, count, 16)])
   return costs
 
 
@@ -111,19 +120,32 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--batches", type=int, default=25, help="timed batches per run")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument(
+      "--no-gray-fast-path", action="store_true", help="treat gray images as RGB (what colour data would cost)"
+  )
+  parser.add_argument("--workers", type=int, default=0, help="also time grain with this many worker processes")
   args = parser.parse_args()
-  os.environ.setdefault("OMP_NUM_THREADS", "1")
   source = folder_sources(args.data)["train"]
   paths = [source.paths[r] for r in source.rows]
   grain_runs, torch_runs = [], []
   for _ in range(args.repeats):
-    grain_runs.append(grain_images_per_second(source, args.image_size, args.batch_size, args.batches))
+    grain_runs.append(
+        grain_images_per_second(
+            source, args.image_size, args.batch_size, args.batches, gray_fast_path=not args.no_gray_fast_path
+        )
+    )
     torch_runs.append(torch_images_per_second(paths, source.labels, args.image_size, args.batch_size, args.batches))
   best_grain, best_torch = max(grain_runs), max(torch_runs)
+  cpu_grain, cpu_torch = min(r[1] for r in grain_runs), min(r[1] for r in torch_runs)
+  fast = "off" if args.no_gray_fast_path else "on"
   print(f"files: {len(source)} JPEGs from {args.data}; {args.image_size} px; batch {args.batch_size}; one core each")
-  print(f"cass_jax grain : {best_grain:7.1f} images/s  (runs: {', '.join(f'{r:.0f}' for r in grain_runs)})")
-  print(f"torchvision    : {best_torch:7.1f} images/s  (runs: {', '.join(f'{r:.0f}' for r in torch_runs)})")
-  print(f"ratio grain/torchvision: {best_grain / best_torch:.2f}x")
+  print(f"gray fast path: {fast}; best of {args.repeats} alternating runs of {args.batches} batches")
+  print(f"cass_jax grain : {best_grain[0]:7.1f} images/s  {cpu_grain:5.2f} CPU ms/image")
+  print(f"torchvision    : {best_torch[0]:7.1f} images/s  {cpu_torch:5.2f} CPU ms/image")
+  print(f"ratio grain/torchvision: {best_grain[0] / best_torch[0]:.2f}x images/s, {cpu_torch / cpu_grain:.2f}x CPU per image")
+  if args.workers:
+    rate, _ = grain_images_per_second(source, args.image_size, args.batch_size, 4 * args.batches, args.workers)
+    print(f"cass_jax grain, {args.workers} worker processes: {rate:7.1f} images/s")
   for stage, ms in stage_costs_ms(source, args.image_size).items():
     print(f"  {stage:28s} {ms:6.2f} ms/image")
 

@@ -59,6 +59,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Also apply colour jitter before the rotation (the ISIC 2019 notebook); the Brain MRI notebook
   # rotates only.
   c.augment_jitter_with_rotation = False
+  # Process images whose three channels are equal (most MRI) as one gray channel: same pixels, ~2x
+  # faster. Off only to measure or to rule it out.
+  c.gray_fast_path = True
   # Class names in label order. Empty: folder names (sorted), one-hot column names, or the sorted
   # label values. When set, a folder/label not in the list is an error.
   c.class_names = ()

@@ -121,12 +121,17 @@ def train_iterator(
         f"({batch_size} x {shard_count} processes); lower the batch size."
     )
   size = int(data_config.image_size)
+  gray = bool(data_config.get("gray_fast_path", True))
   dataset = grain.MapDataset.source(source)
   if augment and data_config.get("augment", "cass") != "none":
-    transform = CassAugment(size, jitter_with_rotation=bool(data_config.get("augment_jitter_with_rotation", False)))
+    transform = CassAugment(
+        size,
+        jitter_with_rotation=bool(data_config.get("augment_jitter_with_rotation", False)),
+        gray_fast_path=gray,
+    )
     dataset = dataset.random_map(transform, seed=_derive_seed(seed, _AUGMENT_STREAM))
   else:
-    dataset = dataset.map(EvalTransform(size))
+    dataset = dataset.map(EvalTransform(size, gray))
   dataset = dataset.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM))
   dataset = dataset[:usable][shard_index::shard_count]
   dataset = dataset.batch(
@@ -166,7 +171,8 @@ def eval_iterator(
   padded = -(-len(source) // global_batch) * global_batch
   if len(source) == 0:
     raise ValueError("Cannot evaluate an empty split.")
-  dataset = grain.MapDataset.source(_PaddedEvalSource(source, EvalTransform(int(data_config.image_size)), padded))
+  transform = EvalTransform(int(data_config.image_size), bool(data_config.get("gray_fast_path", True)))
+  dataset = grain.MapDataset.source(_PaddedEvalSource(source, transform, padded))
   dataset = dataset[shard_index::shard_count].batch(
       batch_size,
       drop_remainder=True,

@@ -172,7 +172,7 @@ class CassAugment:
   the same random parameters the output is pixel-identical. Differences:
   - random numbers come from the NumPy generator grain derives from (seed, epoch, example index),
     not from torch's global generator, so draws differ from a torch run (distributions are the same);
-  - flips are done on the uint8 array and normalisation happens once per batch (same values);
+  - normalisation happens when the batch is assembled (same values as ToTensor + Normalize);
   - images whose three channels are equal are processed as one gray channel (same values, see
     `to_pil`; `gray_fast_path=False` turns this off);
   - perspective coefficients are solved with NumPy lstsq instead of torch gels (same float32 result
@@ -201,12 +201,11 @@ class CassAugment:
       if self.jitter_with_rotation:
         image = color_jitter(image, rng, self.jitter, self.jitter, self.jitter)
       image = rotate(image, float(rng.uniform(-self.degrees, self.degrees)))
-    array = to_rgb_array(image)
     if rng.random() < self.flip_probability:
-      array = array[::-1]
+      image = image.transpose(Image.FLIP_TOP_BOTTOM)
     if rng.random() < self.flip_probability:
-      array = array[:, ::-1]
-    return array
+      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_rgb_array(image)
 
   def __call__(self, record: Record, rng: np.random.Generator) -> Record:
     return {**record, "image": self.augment(to_pil(record["image"], self.gray_fast_path), rng)}
