@@ -21,6 +21,20 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a misspelt `--config.key` reported in one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except (AttributeError, KeyError) as error:
+        while error.args and isinstance(error.args[0], BaseException):
+            error = error.args[0]
+        detail = " ".join(str(error.args[0] if error.args else error).split())
+        overrides = " ".join(arg for arg in argv[1:] if arg.startswith("--config."))
+        print(f"error: unknown config key {detail} (in {overrides}); the keys are listed in configs/common.py "
+              "and the config file.", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -38,4 +52,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -113,9 +113,11 @@ def run_main(*args, env=None, timeout=600):
 
 
 def test_cli_rejects_unknown_config_key():
-    result = run_main("--config=configs/demo.py", "--config.xyz=1", "--workdir=/tmp/unused")
-    assert result.returncode != 0
-    assert "xyz" in result.stderr
+    result = run_main("--config=configs/demo.py", "--config.batch_sise=1", "--workdir=/tmp/unused")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config key 'batch_sise' Did you mean \"batch_size\" instead of \"batch_sise\"? "
+        "(in --config.batch_sise=1); the keys are listed in configs/common.py and the config file."]
 
 
 def test_cli_missing_dataset_dir_is_one_clear_line(tmp_path):
