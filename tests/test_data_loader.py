@@ -138,6 +138,24 @@ def test_eval_labels_follow_the_examples():
   np.testing.assert_array_equal(labels, splits.test.labels)
 
 
+def test_multi_label_batches_carry_float_vectors(tmp_path):
+  from PIL import Image
+
+  from cass_jax.data import csv_source
+
+  for i in range(6):
+    Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+  rows = "".join(f"{i}.png,{i % 2},{(i + 1) % 2},1\n" for i in range(6))
+  (tmp_path / "labels.csv").write_text("image,b,tfh,other\n" + rows)
+  source = csv_source(str(tmp_path / "labels.csv"), multi_label=True)
+  batch = next(train_iterator(source, _config(16), batch_size=4, seed=0, augment=True))
+  assert batch["label"].shape == (4, 3) and batch["label"].dtype == np.float32
+  assert (batch["label"][:, 2] == 1).all() and (batch["label"][:, :2].sum(1) == 1).all()
+  batches = list(eval_iterator(source, _config(16), batch_size=4))
+  labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+  np.testing.assert_array_equal(labels, source.labels)
+
+
 def test_two_worker_processes_give_the_same_batches_as_in_process():
   config, splits = _synthetic_splits()
   expected = _take(train_iterator(splits.train, config, batch_size=8, seed=2, augment=True), 4)

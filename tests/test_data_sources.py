@@ -94,6 +94,9 @@ def test_brain_mri_small_counts_and_splits():
   assert np.bincount(train_val).tolist() == [100] * 4
   assert not set(splits.train.ids) & set(splits.val.ids)
   assert all(i.startswith("Testing/") for i in splits.test.ids)
+  every = splits.train_full.ids + splits.val.ids + splits.test.ids
+  contents = {(BRAIN_MRI_SMALL / i).read_bytes() for i in every}
+  assert len(every) == len(contents) == 500  # no file, and no identical content, in two splits
   record = splits.test[0]
   assert record["image"].shape == (224, 224, 3) and record["image"].dtype == np.uint8
 
