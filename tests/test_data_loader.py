@@ -169,6 +169,31 @@ def test_two_worker_processes_give_the_same_batches_as_in_process():
     np.testing.assert_array_equal(x["image"], y["image"])
 
 
+def test_worker_processes_under_an_absl_main(tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  script = tmp_path / "main.py"
+  script.write_text(
+      "from absl import app\n"
+      "from cass_jax.data import default_data_config, load_splits, train_iterator\n"
+      "def main(argv):\n"
+      "  c = default_data_config()\n"
+      "  c.synthetic_num_images, c.synthetic_size, c.image_size, c.workers = 40, 32, 32, 2\n"
+      "  it = train_iterator(load_splits(c).train, c, batch_size=4, seed=0, augment=True)\n"
+      "  print('batch', next(it)['image'].shape)\n"
+      "  it.close()\n"
+      "if __name__ == '__main__':\n"
+      "  app.run(main)\n"
+  )
+  root = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+  result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "batch (4, 32, 32, 3)" in result.stdout
+
+
 def test_too_small_a_dataset_for_one_batch_is_a_clear_error():
   with pytest.raises(ValueError, match="cannot fill one global batch"):
     train_iterator(IndexSource(5), _config(), batch_size=4, seed=0, augment=False, shard_count=2)
