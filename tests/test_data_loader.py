@@ -5,8 +5,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cass_jax.data import default_data_config, eval_iterator, load_splits, steps_per_epoch, train_iterator
-from cass_jax.data.sources import SyntheticSource
+from cass_jax.data import (
+    default_data_config,
+    eval_iterator,
+    folder_sources,
+    load_splits,
+    steps_per_epoch,
+    train_iterator,
+)
 
 BRAIN_MRI_SMALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain_mri_small"
 
@@ -215,6 +221,10 @@ def test_tfds_builder_and_source_match_the_folder_layout(tmp_path):
   assert (len(splits.train), len(splits.val), len(splits.test)) == (360, 40, 100)
   assert np.bincount(splits.test.labels).tolist() == [25] * 4
   assert splits.test[0]["image"].shape == (224, 224, 3)
+  assert all(i.startswith("Testing/") for i in splits.test.ids)
+  record = splits.test[0]
+  np.testing.assert_array_equal(record["image"], folder_sources(str(BRAIN_MRI_SMALL))["test"].subset([0])[0]["image"])
+  assert record["id"] == "Testing/glioma/" + sorted((BRAIN_MRI_SMALL / "Testing" / "glioma").iterdir())[0].name
   config.image_size = 64
   batch = next(train_iterator(splits.train, config, batch_size=4, seed=0, augment=True))
   assert batch["image"].shape == (4, 64, 64, 3)

@@ -372,15 +372,20 @@ def tfds_sources(
     if key not in ("train", "test", "val"):
       continue
     data_source = tfds.data_source(name, split=split, data_dir=data_dir or None, decoders=skip, download=False)
-    raw = [data_source[i][label_key] for i in range(len(data_source))]
+    records = [data_source[i] for i in range(len(data_source))]
+    raw = [record[label_key] for record in records]
     if multi_label:
       labels = np.zeros((len(raw), len(class_names)), np.float32)
       for i, r in enumerate(raw):
         labels[i, np.asarray(r, np.int64)] = 1.0
     else:
       labels = np.asarray(raw, np.int64)
-    ids = [f"{name}/{split}/{i}" for i in range(len(raw))]
-    sources[key] = TfdsImageSource(data_source, image_key, labels, ids, class_names, multi_label)
+    if "id" in builder.info.features:  # e.g. brain_tumor_mri stores each file's relative path
+      ids = [r["id"].decode() if isinstance(r["id"], bytes) else str(r["id"]) for r in records]
+    else:
+      ids = [f"{name}/{split}/{i}" for i in range(len(records))]
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")  # same order as the other sources
+    sources[key] = TfdsImageSource(data_source, image_key, labels, ids, class_names, multi_label, rows=order)
   if "train" not in sources:
     raise DataError(f"TFDS dataset {name!r} has no 'train' split (splits: {list(builder.info.splits)}).")
   return sources
