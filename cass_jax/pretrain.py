@@ -197,64 +197,82 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
                  swa_start_epoch + 1 if config.swa.enabled else -1)
 
     pending, interval = None, []
-    collapse_reference = None
-    for step in range(start_step + 1, total_steps + 1):
-        local_batch = next(iterator)
-        if step == 1:
-            writer.write_images(0, {"augmented_inputs": image_grid(
-                local_batch["image"], config.data.mean, config.data.std)[None]})
-        with jax.profiler.StepTraceAnnotation("train", step_num=step):
-            state, metrics = step_fn(state, parallel.to_global_batch(local_batch, batch_sharding))
-        if pending is not None:
-            _check_finite(*pending)
-        pending = (metrics, step)
-        interval.append(metrics)
-        report_progress(step)
+    collapse_monitor = CollapseMonitor(config.collapse_warning_fraction, config.stop_on_collapse)
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            local_batch = next(iterator)
+            if step == 1:
+                writer.write_images(0, {"augmented_inputs": image_grid(
+                    local_batch["image"], config.data.mean, config.data.std)[None]})
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = step_fn(state, parallel.to_global_batch(local_batch, batch_sharding))
+            if pending is not None:
+                _check_finite(*pending)
+            pending = (metrics, step)
+            interval.append(metrics)
+            report_progress(step)
 
-        epoch_done = step % steps_per_epoch == 0
-        if config.swa.enabled and epoch_done and step // steps_per_epoch > swa_start_epoch:
-            state = average_fn(state)
+            epoch_done = step % steps_per_epoch == 0
+            if config.swa.enabled and epoch_done and step // steps_per_epoch > swa_start_epoch:
+                state = average_fn(state)
 
-        if step % config.log_every_steps == 0 or step == total_steps:
-            scalars = {k: float(v) for k, v in jax.tree.map(lambda *xs: np.mean(xs), *interval).items()}
-            interval = []
-            collapse_reference = _warn_on_collapse(scalars, collapse_reference, config.collapse_warning_fraction)
-            scalars["lr/cnn"] = float(state.opt_state["cnn"].hyperparams["learning_rate"])
-            scalars["lr/vit"] = float(state.opt_state["vit"].hyperparams["learning_rate"])
-            scalars["images_per_second"] = progress.images_per_second(step)
-            scalars["epoch"] = step / steps_per_epoch
-            writer.write_scalars(step, scalars)
-            progress.log(step, {k: scalars[k] for k in ("loss", "cosine", "lr/cnn")},
-                         scalars["images_per_second"])
+            if step % config.log_every_steps == 0 or step == total_steps:
+                scalars = {k: float(v) for k, v in jax.tree.map(lambda *xs: np.mean(xs), *interval).items()}
+                interval = []
+                scalars["lr/cnn"] = float(state.opt_state["cnn"].hyperparams["learning_rate"])
+                scalars["lr/vit"] = float(state.opt_state["vit"].hyperparams["learning_rate"])
+                scalars["images_per_second"] = progress.images_per_second(step)
+                scalars["epoch"] = step / steps_per_epoch
+                writer.write_scalars(step, scalars)
+                progress.log(step, {k: scalars[k] for k in ("loss", "cosine", "lr/cnn", "collapse/cnn_std",
+                                                            "collapse/vit_std")}, scalars["images_per_second"])
+                collapse_monitor.check(step, scalars)
 
-        halting = config.halt_after_steps > 0 and step - start_step >= config.halt_after_steps
-        if checkpointer.should_save(step) or step == total_steps or halting:
-            _check_finite(*pending)
-            checkpointer.save(step, state, iterator)
-        if halting and step < total_steps:
-            logging.info("Halting at step %d (config.halt_after_steps); rerun the same command to resume.", step)
-            checkpointer.wait()
-            writer.flush()
-            return None
+            halting = config.halt_after_steps > 0 and step - start_step >= config.halt_after_steps
+            if checkpointer.should_save(step) or step == total_steps or halting:
+                _check_finite(*pending)
+                checkpointer.save(step, state, iterator)
+            if halting and step < total_steps:
+                logging.info("Halting at step %d (config.halt_after_steps); rerun the same command to resume.", step)
+                return None
+    finally:
+        checkpointer.wait()
+        writer.flush()
 
-    checkpointer.wait()
     exports = export_arms(config, workdir, arms, state, train_source, steps_per_epoch)
     writer.flush()
     return exports
 
 
-def _warn_on_collapse(scalars: dict, reference: dict | None, fraction: float) -> dict:
-    """Warns when an arm's output spread falls below `fraction` of its first logged value."""
-    current = {arm: scalars[f"collapse/{arm}_std"] for arm in ARMS}
-    if reference is None:
-        return current
-    for arm in ARMS:
-        if current[arm] < fraction * reference[arm]:
-            logging.warning(
-                "Possible collapse: the %s arm's output std is %.3g, below %.0f%% of its first value %.3g; "
-                "every image is getting the same output. See the README on collapse.",
-                arm, current[arm], 100 * fraction, reference[arm])
-    return reference
+class CollapseMonitor:
+    """Warns (first time, then every 10th check) when an arm's output spread falls below `fraction` of its
+    first logged value; with `stop=True` it raises instead, after the last checkpoint."""
+
+    def __init__(self, fraction: float, stop: bool = False, repeat_every: int = 10):
+        self.fraction, self.stop, self.repeat_every = fraction, stop, repeat_every
+        self.reference: dict[str, float] | None = None
+        self.warnings = 0
+
+    def check(self, step: int, scalars: dict) -> bool:
+        """True when collapse is detected at this check."""
+        current = {arm: scalars[f"collapse/{arm}_std"] for arm in ARMS}
+        if self.reference is None:
+            self.reference = current
+            return False
+        collapsed = [arm for arm in ARMS if current[arm] < self.fraction * self.reference[arm]]
+        if not collapsed:
+            return False
+        message = "; ".join(
+            f"the {arm} arm's output std is {current[arm]:.3g}, below {100 * self.fraction:.0f}% of its first "
+            f"value {self.reference[arm]:.3g}" for arm in collapsed)
+        message = (f"Possible collapse at step {step}: {message}. Every image is getting nearly the same "
+                   "output; see the README section on collapse.")
+        if self.stop:
+            raise FloatingPointError(message + " Stopped (config.stop_on_collapse).")
+        if self.warnings % self.repeat_every == 0:
+            logging.warning("%s", message)
+        self.warnings += 1
+        return True
 
 
 def export_arms(config: ml_collections.ConfigDict, workdir: Path, arms: Arms, state: TrainState,

@@ -39,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.halt_after_steps = 0
     # Warn when an arm's output spread (collapse/*_std) falls below this fraction of its first value.
     c.collapse_warning_fraction = 0.1
+    # Stop the run (after its last checkpoint) instead of only warning when collapse is detected.
+    c.stop_on_collapse = False
     c.downstream = default_downstream_config()
     return c
 

@@ -135,3 +135,27 @@ def test_real_brain_mri_smoke_run(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 10/" in result.stderr
     assert ocp.CheckpointManager(tmp_path / "checkpoints").latest_step() == 12
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_a_good_checkpoint(tmp_path):
+    config = tiny_config(checkpoint_every_steps=1, **{"optim.cnn_lr": 1e30, "optim.vit_lr": 1e30,
+                                                       "optim.schedule": "constant"})
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step (\d+)") as error:
+        pretrain(config, tmp_path)
+    bad_step = int(__import__("re").search(r"step (\d+)", str(error.value)).group(1))
+    last_saved = ocp.CheckpointManager(tmp_path / "checkpoints").latest_step()
+    assert last_saved == bad_step - 1
+    params = final_state_params(tmp_path)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    import functools
+    from cass_jax.pretrain import build_arms, initial_state, train_step
+    config = tiny_config(dtype="bfloat16")
+    arms = build_arms(config, total_steps=10, steps_per_epoch=5)
+    state = initial_state(config, arms)
+    images = np.random.default_rng(0).normal(size=(4, 128, 128, 3)).astype(np.float32)
+    state, metrics = jax.jit(functools.partial(train_step, arms=arms))(state, {"image": images})
+    assert np.isfinite(float(metrics["loss"]))
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.params)} == {np.dtype("float32")}
