@@ -150,7 +150,8 @@ def load_splits(data_config, *, label_fraction_seed: int | None = None) -> Datas
   Own train/test splits are kept; validation is carved from train (val_fraction, split_seed) unless
   the dataset has its own; with no test split the data are split (1 - val - test) / val / test.
   `train` holds `label_fraction` of the training examples, drawn with `label_fraction_seed`
-  (argument, else data.label_fraction_seed, else split_seed).
+  (argument, else data.label_fraction_seed, else split_seed). Every stored file is hashed and
+  checked first (synthetic phantoms, unique by construction, are not).
   """
   own = source_splits_from_config(data_config)
   if data_config.source != "synthetic":
