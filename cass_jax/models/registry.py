@@ -12,8 +12,9 @@ from cass_jax.models.vit import VIT_WIDTHS, VisionTransformer
 
 
 def _resnet_tiny(num_classes: int, dtype: Any) -> ResNet:
+    """Test-sized ResNet; the 64-wide stem matches timm's `ResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128))`."""
     return ResNet(
-        stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64, 128), stem_width=16,
+        stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64, 128), stem_width=64,
         num_classes=num_classes, dtype=dtype,
     )
 

@@ -44,6 +44,11 @@ def _format_path(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
+def _modules_of(paths) -> list[str]:
+    """Collapses leaf paths ('params/layer1_1/bn1/scale', 'batch_stats/layer1_1/bn1/mean') to modules."""
+    return sorted({"/".join(path[1:-1]) or path[-1] for path in paths})
+
+
 def merge_variables(fresh: dict, loaded: dict, source: str) -> dict:
     """Returns `fresh` with every leaf replaced by the matching leaf of `loaded` (float32 jnp arrays).
 
@@ -74,20 +79,22 @@ def merge_variables(fresh: dict, loaded: dict, source: str) -> dict:
             logger.info("%s: resampling position embeddings %s -> %s (class token kept).", source, have, want)
             loaded_flat[POS_EMBED] = resample_pos_embed(loaded_flat[POS_EMBED], want[1])
 
-    missing = sorted(_format_path(p) for p in fresh_flat.keys() - loaded_flat.keys())
-    unexpected = sorted(_format_path(p) for p in loaded_flat.keys() - fresh_flat.keys())
+    missing = fresh_flat.keys() - loaded_flat.keys()
+    unexpected = loaded_flat.keys() - fresh_flat.keys()
     mismatched = sorted(
         f"{_format_path(p)}: file {loaded_flat[p].shape} vs model {tuple(fresh_flat[p].shape)}"
         for p in fresh_flat.keys() & loaded_flat.keys()
         if loaded_flat[p].shape != tuple(fresh_flat[p].shape)
     )
     if missing or unexpected or mismatched:
-        problems = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                shown = "; ".join(items[:15]) + (f"; ... ({len(items) - 15} more)" if len(items) > 15 else "")
-                problems.append(f"{len(items)} {title}: {shown}")
+        problems = [
+            f"{len(paths)} {title} in {len(modules)} module(s): {', '.join(modules)}"
+            for title, paths in (("missing keys", missing), ("unexpected keys", unexpected))
+            if paths
+            for modules in [_modules_of(paths)]
+        ]
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches: {'; '.join(mismatched)}")
         raise ValueError(
             f"Weights in {source!r} do not fit the model. " + " | ".join(problems) + ". The file is most likely "
             f"for another architecture or depth; pick the matching model name (or re-port the file for it)."
