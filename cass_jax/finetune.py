@@ -29,8 +29,9 @@ from flax import linen as nn
 from cass_jax import data as data_lib
 from cass_jax import metrics as metrics_lib
 from cass_jax.losses import class_weights, focal_loss
-from cass_jax.models import create_model, init_variables
-from cass_jax.port import load_pretrained_variables
+from cass_jax.models import create_model
+from cass_jax.port import merge_variables, read_and_port
+from cass_jax.port.pretrained import check_architecture
 from cass_jax.reporting import create_writer
 
 PROTOCOLS = ("finetune", "linear_probe")
@@ -258,7 +259,7 @@ def evaluate(model: nn.Module, variables: Mapping[str, Any], source: Any, data_c
              batch_size: int, weights: jax.Array, spec: LossSpec) -> Evaluation:
     """Evaluates on every example of `source` once (padding rows masked out of the loss and the outputs)."""
     losses, labels, probs = [], [], []
-    for batch in data_lib.eval_iterator(source, data_config, batch_size=batch_size):
+    for batch in data_lib.eval_iterator(source, data_config, batch_size=min(batch_size, len(source))):
         mask = np.asarray(batch["mask"]).astype(bool)
         inputs = {"image": batch["image"], "label": batch["label"]}
         loss, prob = eval_step(variables, inputs, weights, model=model, spec=spec)
@@ -336,11 +337,41 @@ def build_model(model_name: str, num_classes: int, config: ml_collections.Config
     return create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
 
 
-def initial_variables(model: nn.Module, arm_init: ArmInit, image_size: int, rng: jax.Array) -> dict:
-    """Random variables, or the weights file merged in with a fresh head for this task's classes."""
-    if arm_init.weights_path is None:
-        return init_variables(model, rng, image_size)
-    return load_pretrained_variables(arm_init.weights_path, model, image_size, rng)
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model: nn.Module) -> Callable:
+    """One compiled initialiser per model configuration, reused by every seed."""
+    return jax.jit(functools.partial(model.init, train=False))
+
+
+def fresh_variables(model: nn.Module, rng: jax.Array, image_size: int) -> dict:
+    """Randomly initialised variables (as `cass_jax.models.init_variables`, compiled once per model)."""
+    variables = _jitted_init(model)(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
+    return flax.core.unfreeze(variables)
+
+
+class InitialVariables:
+    """Starting variables per run: the arm's weights (each file read once) with a new head seeded per run.
+
+    Downstream always trains a new `head` for the task's classes, so the seed varies the head's
+    initialisation (and, for random init, every weight). This is `cass_jax.port.load_pretrained_variables`
+    with the file and the compiled initialiser reused across runs.
+    """
+
+    def __init__(self, image_size: int):
+        self.image_size = image_size
+        self._files: dict[str, dict] = {}
+
+    def __call__(self, model: nn.Module, arm_init: ArmInit, rng: jax.Array) -> dict:
+        fresh = fresh_variables(model, rng, self.image_size)
+        path = arm_init.weights_path
+        if path is None:
+            return fresh
+        if path not in self._files:
+            self._files[path] = read_and_port(path)
+        architecture, content = self._files[path]
+        check_architecture(architecture, model, path)
+        merged = merge_variables(fresh, content, source=path)
+        return {**merged, "params": {**merged["params"], "head": fresh["params"]["head"]}}
 
 
 def label_counts(labels: np.ndarray, num_classes: int, multi_label: bool) -> np.ndarray:
@@ -391,8 +422,8 @@ class RunSpec:
         return (f"{self.arm}_{self.protocol}_{self.init.label}_f{self.label_fraction:g}_s{self.seed}")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunSpec,
-                       run_dir: Path) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunSpec, run_dir: Path,
+                       initial_variables: InitialVariables | None = None) -> dict[str, Any]:
     """Trains one arm under one protocol, label fraction and seed; tests the best epoch.
 
     Returns a JSON-ready record with the test metrics, plus `test_probabilities` / `test_labels` arrays.
@@ -413,7 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
 
     model = build_model(run.init.model_name, splits.num_classes, config)
     rng = jax.random.fold_in(jax.random.PRNGKey(run.seed), ARMS.index(run.arm))
-    variables = initial_variables(model, run.init, config.data.image_size, rng)
+    initial_variables = initial_variables or InitialVariables(config.data.image_size)
+    variables = initial_variables(model, run.init, rng)
     state = initial_state(variables, run.protocol)
     iterator = data_lib.train_iterator(train_source, config.data, batch_size=batch_size, seed=run.seed,
                                        augment=bool(d.augment))
@@ -491,13 +523,15 @@ def run_settings(config: ml_collections.ConfigDict, workdir: str | Path, arms: S
     d = config.downstream
     arm_inits = {(init, arm): resolve_init(config, arm, init, workdir) for init in parse_inits(d.init) for arm in arms}
     splits = splits if splits is not None else load_downstream_data(config)
+    initial_variables = InitialVariables(config.data.image_size)
     records = []
     for (init, arm), arm_init in arm_inits.items():
         for protocol in protocols:
             for fraction in d.label_fractions:
                 for seed in d.seeds:
                     run = RunSpec(arm, protocol, arm_init, float(fraction), int(seed))
-                    records.append(train_and_evaluate(config, splits, run, workdir / "downstream" / run.name))
+                    records.append(train_and_evaluate(config, splits, run, workdir / "downstream" / run.name,
+                                                      initial_variables))
     return records
 
 
@@ -508,7 +542,7 @@ def json_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_results(workdir: str | Path, records: Iterable[Mapping[str, Any]], multi_label: bool,
                   class_names: Sequence[str]) -> dict[str, Any]:
-    """Writes results.json (every run plus mean +- std per setting) and results.md (the tables); returns the summary."""
+    """Writes results.json (every run plus mean +- std per setting) and results.md (the tables, also printed)."""
     workdir = Path(workdir)
     records = [json_record(r) for r in records]
     names = metrics_lib.summary_names(multi_label)
@@ -520,7 +554,8 @@ def write_results(workdir: str | Path, records: Iterable[Mapping[str, Any]], mul
                 "protocol, initial weights; columns: fraction of training labels.\n\n"
                 + metrics_lib.markdown_tables(summary, names))
     (workdir / "results.md").write_text(markdown)
-    logging.info("Results table (also in %s):\n%s", workdir / "results.md", markdown)
+    print(markdown, flush=True)
+    logging.info("Wrote %s and %s", workdir / "results.md", workdir / "results.json")
     return results
 
 
