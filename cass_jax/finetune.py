@@ -4,6 +4,10 @@
 `head` Dense while the encoder runs in eval mode, so its parameters and BatchNorm statistics stay
 bit-identical. Both use Adam with a cosine-decayed learning rate, stop after `patience` epochs without
 a lower mean validation loss, and are tested with the parameters of the best epoch.
+
+The probe runs the frozen encoder on every (augmented) batch rather than caching features once: it
+then sees the same augmented images as fine-tuning, as in the official code, at the price of one
+encoder forward pass per step (no backward pass through it).
 """
 
 from __future__ import annotations
@@ -439,7 +443,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
     batch_size = min(d.batch_size, len(indices))
     steps_per_epoch = data_lib.steps_per_epoch(len(indices), batch_size)
     total_steps = d.max_epochs * steps_per_epoch
-    schedule = optax.cosine_decay_schedule(d.lr, decay_steps=total_steps)
+    learning_rates = np.asarray(optax.cosine_decay_schedule(d.lr, decay_steps=total_steps)(np.arange(total_steps)),
+                                np.float32)
     spec = LossSpec(d.loss, multi_label, float(d.focal_alpha), float(d.focal_gamma))
 
     model = build_model(run.init.model_name, splits.num_classes, config)
@@ -465,12 +470,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
         for step in range((epoch - 1) * steps_per_epoch, epoch * steps_per_epoch):
             batch = next(iterator)
             s, step_metrics = train_step(s, {"image": batch["image"], "label": batch["label"]},
-                                         jnp.float32(schedule(step)), weights,
-                                         model=model, protocol=run.protocol, spec=spec)
+                                         learning_rates[step], weights, model=model, protocol=run.protocol,
+                                         spec=spec)
             losses.append(step_metrics["loss"])
         train_loss = float(np.mean(jax.device_get(losses)))
         rate = steps_per_epoch * batch_size / (time.perf_counter() - start)
-        return s, {"train_loss": train_loss, "images_per_second": rate, "lr": float(schedule(step))}
+        return s, {"train_loss": train_loss, "images_per_second": rate, "lr": float(learning_rates[step])}
 
     def validate(s: DownstreamState, epoch: int):
         val = evaluate(model, variables_of(s), splits.val, config.data, d.eval_batch_size, weights, spec)
@@ -510,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
         "history": result.history,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "result.json").write_text(json.dumps(record, indent=2))
+    dump_json(run_dir / "result.json", record)
     np.savez(run_dir / "test_predictions.npz", probabilities=test.probabilities, labels=test.labels)
     return {**record, "test_probabilities": test.probabilities, "test_labels": test.labels}
 
@@ -540,6 +545,21 @@ def json_record(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if not isinstance(v, np.ndarray)}
 
 
+def _strict_json(value: Any) -> Any:
+    """NaN (an undefined AUROC, say) becomes null, so results.json is valid JSON for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
+
+
+def dump_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(_strict_json(value), indent=2, allow_nan=False))
+
+
 def write_results(workdir: str | Path, records: Iterable[Mapping[str, Any]], multi_label: bool,
                   class_names: Sequence[str]) -> dict[str, Any]:
     """Writes results.json (every run plus mean +- std per setting) and results.md (the tables, also printed)."""
@@ -549,7 +569,7 @@ def write_results(workdir: str | Path, records: Iterable[Mapping[str, Any]], mul
     summary = metrics_lib.summarize_over_seeds(records, names)
     results = {"class_names": list(class_names), "multi_label": multi_label, "summary": summary, "runs": records}
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    dump_json(workdir / "results.json", results)
     markdown = ("# Downstream results\n\nTest split; mean ± sample std over seeds (n = seeds). Rows: arm, "
                 "protocol, initial weights; columns: fraction of training labels.\n\n"
                 + metrics_lib.markdown_tables(summary, names))

@@ -172,3 +172,18 @@ def test_check_downstream_config_rejects_bad_values(tmp_path):
     config.downstream.label_fractions = (1.0, 0.0)
     with pytest.raises(ValueError, match="label_fractions"):
         finetune.check_downstream_config(config)
+
+
+def test_multi_label_steps_train_and_evaluate_with_sigmoid_outputs():
+    model = create_model("vit_micro_patch16", num_classes=3, img_size=32)
+    variables = jax.device_get(init_variables(model, jax.random.PRNGKey(2), 32))
+    spec = finetune.LossSpec("focal", multi_label=True, alpha=1.0, gamma=2.0)
+    batch = {"image": jnp.ones((2, 32, 32, 3)), "label": jnp.array([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])}
+    state = finetune.initial_state(variables, "finetune")
+    state, metrics = finetune.train_step(state, batch, jnp.float32(1e-3), jnp.ones(3), model=model,
+                                         protocol="finetune", spec=spec)
+    assert np.isfinite(float(metrics["loss"]))
+    losses, probabilities = finetune.eval_step({"params": state.params}, batch, jnp.ones(3), model=model, spec=spec)
+    logits = model.apply({"params": state.params}, batch["image"], train=False)
+    np.testing.assert_allclose(probabilities, jax.nn.sigmoid(logits), rtol=1e-6)
+    assert losses.shape == (2,)
