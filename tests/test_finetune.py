@@ -187,3 +187,23 @@ def test_multi_label_steps_train_and_evaluate_with_sigmoid_outputs():
     logits = model.apply({"params": state.params}, batch["image"], train=False)
     np.testing.assert_allclose(probabilities, jax.nn.sigmoid(logits), rtol=1e-6)
     assert losses.shape == (2,)
+
+
+def test_best_state_survives_later_donated_steps():
+    model = create_model("vit_micro_patch16", num_classes=3, img_size=32)
+    variables = jax.device_get(init_variables(model, jax.random.PRNGKey(4), 32))
+    batch = {"image": jnp.ones((2, 32, 32, 3)), "label": jnp.array([0, 1])}
+    snapshots = {}
+
+    def train_epoch(state, epoch):
+        state, _ = finetune.train_step(state, batch, jnp.float32(1e-2), jnp.ones(3), model=model,
+                                       protocol="finetune", spec=SPEC)
+        snapshots[epoch] = jax.tree.map(np.array, jax.device_get(state.params))
+        return state, {}
+
+    scripted = {1: 1.0, 2: 0.5, 3: 0.9, 4: 0.8}
+    result = finetune.fit_with_early_stopping(finetune.initial_state(variables, "finetune"), train_epoch,
+                                              lambda state, epoch: (scripted[epoch], {}), 4, patience=2)
+    assert result.best_epoch == 2 and result.epochs_run == 4
+    assert _leaves_equal(result.best_state.params, snapshots[2])
+    assert not _leaves_equal(snapshots[2], snapshots[4])
