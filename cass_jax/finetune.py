@@ -213,7 +213,11 @@ def initial_state(variables: Mapping[str, Any], protocol: str) -> DownstreamStat
 @functools.partial(jax.jit, static_argnames=("model", "protocol", "spec"), donate_argnums=0)
 def train_step(state: DownstreamState, batch: Mapping[str, jax.Array], lr: jax.Array, weights: jax.Array, *,
                model: nn.Module, protocol: str, spec: LossSpec) -> tuple[DownstreamState, dict[str, jax.Array]]:
-    """One Adam step on the mean batch loss. Linear probe: encoder in eval mode, only `head` gets gradients."""
+    """One Adam step on the mean batch loss. Linear probe: encoder in eval mode, only `head` gets gradients.
+
+    Adam is optax's `scale_by_adam` times the step's `lr`, passed in, so one compiled step serves every
+    run of a model whatever its schedule length (seeds and label fractions differ only in data).
+    """
     has_batch_stats = bool(state.batch_stats)
 
     def loss_fn(trainable):
