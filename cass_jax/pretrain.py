@@ -23,11 +23,11 @@ from cass_jax import data as data_lib
 from cass_jax import parallel
 from cass_jax.checkpointing import Checkpointer
 from cass_jax.collapse import collapse_indicators, cross_arm_cosine
-from cass_jax.losses import cass_loss
 from cass_jax.models import create_model, init_variables
 from cass_jax.port import load_pretrained_variables, save_variables
 from cass_jax.reporting import ProgressLine, create_writer, flat_hparams, image_grid
 from cass_jax.schedules import make_schedule
+from cass_jax.stabilisers import stabilised_cass_loss, update_centres
 from cass_jax.weight_averaging import recompute_batch_stats, running_mean_update
 
 ARMS = ("cnn", "vit")
@@ -42,6 +42,7 @@ class TrainState:
     opt_state: dict[str, Any]         # {"cnn": ..., "vit": ...}
     swa_params: dict[str, Any]        # running mean of params, per arm
     swa_count: jnp.ndarray            # snapshots in the mean
+    centres: dict[str, jnp.ndarray]   # running mean output per arm (used by the centring stabiliser only)
     rng: jnp.ndarray                  # base key; each step folds in its number
 
 
@@ -51,10 +52,14 @@ class Arms:
     cnn: flax.linen.Module
     vit: flax.linen.Module
     optimizers: dict[str, optax.GradientTransformation]
+    loss: ml_collections.ConfigDict   # term weights: the paper's cosine, and opt-in stabilisers
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], arms: Arms) -> tuple[TrainState, dict]:
-    """One CASS step: same images through both arms, cosine loss between logits, Adam update of both."""
+    """One CASS step: same images through both arms, cosine loss between logits, Adam update of both.
+
+    With the default `config.loss` the loss is exactly `cass_loss`; stabiliser terms join it when weighted.
+    """
     rng = jax.random.fold_in(state.rng, state.step)
     images = batch["image"]
 
@@ -63,9 +68,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], arms: Arms) -> tu
             {"params": params["cnn"], "batch_stats": state.batch_stats["cnn"]},
             images, train=True, mutable=["batch_stats"])
         vit_logits = arms.vit.apply({"params": params["vit"]}, images, train=True, rngs={"dropout": rng})
-        return cass_loss(cnn_logits, vit_logits), (cnn_updates["batch_stats"], cnn_logits, vit_logits)
+        loss, terms = stabilised_cass_loss(cnn_logits, vit_logits, state.centres, arms.loss)
+        return loss, (cnn_updates["batch_stats"], cnn_logits, vit_logits, terms)
 
-    (loss, (cnn_batch_stats, cnn_logits, vit_logits)), grads = jax.value_and_grad(
+    (loss, (cnn_batch_stats, cnn_logits, vit_logits, terms)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
 
     params, opt_state = {}, {}
@@ -73,14 +79,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], arms: Arms) -> tu
         updates, opt_state[arm] = arms.optimizers[arm].update(grads[arm], state.opt_state[arm], state.params[arm])
         params[arm] = optax.apply_updates(state.params[arm], updates)
 
-    metrics = {"loss": loss, "cosine": cross_arm_cosine(cnn_logits, vit_logits)}
+    metrics = {"loss": loss, "cosine": cross_arm_cosine(cnn_logits, vit_logits),
+               **{f"loss/{name}": value for name, value in terms.items()}}
     for arm, logits in (("cnn", cnn_logits), ("vit", vit_logits)):
         metrics[f"grad_norm/{arm}"] = optax.tree.norm(grads[arm])
         metrics[f"param_norm/{arm}"] = optax.tree.norm(params[arm])
         for name, value in collapse_indicators(logits).items():
             metrics[f"collapse/{arm}_{name}"] = value
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats={"cnn": cnn_batch_stats})
+                              batch_stats={"cnn": cnn_batch_stats},
+                              centres=update_centres(state.centres, cnn_logits, vit_logits,
+                                                     arms.loss.centring_momentum))
     return new_state, metrics
 
 
@@ -106,7 +115,7 @@ def build_arms(config: ml_collections.ConfigDict, total_steps: int, steps_per_ep
             warmup_steps=int(config.optim.warmup_epochs * steps_per_epoch),
             reference_t_max=config.optim.reference_t_max)
         optimizers[arm] = optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
-    return Arms(cnn=cnn, vit=vit, optimizers=optimizers)
+    return Arms(cnn=cnn, vit=vit, optimizers=optimizers, loss=config.loss)
 
 
 def initial_state(config: ml_collections.ConfigDict, arms: Arms) -> TrainState:
@@ -127,6 +136,7 @@ def initial_state(config: ml_collections.ConfigDict, arms: Arms) -> TrainState:
         opt_state={arm: arms.optimizers[arm].init(params[arm]) for arm in ARMS},
         swa_params=jax.tree.map(jnp.copy, params),
         swa_count=jnp.zeros((), jnp.int32),
+        centres={arm: jnp.zeros((arms.cnn.num_classes or arms.cnn.num_features,), jnp.float32) for arm in ARMS},
         rng=rng)
 
 
@@ -158,7 +168,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
     workdir = Path(workdir).absolute()
     check_inputs_exist(config)
     splits = data_lib.load_splits(config.data)
-    train_source = splits.train
+    train_source = splits.train_full  # pretraining uses every training image, labelled or not
     steps_per_epoch = data_lib.steps_per_epoch(len(train_source), config.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"The training split has {len(train_source)} images, fewer than one batch "

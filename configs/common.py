@@ -4,6 +4,7 @@ import ml_collections
 
 from cass_jax.data import default_data_config
 from cass_jax.finetune import default_downstream_config
+from cass_jax.stabilisers import default_loss_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -28,6 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
     # (the official code's per-batch CosineAnnealingLR(T_max=reference_t_max): a 32-step cycle) or "constant".
     c.optim = ml_collections.ConfigDict(dict(
         cnn_lr=1e-3, vit_lr=1e-3, schedule="cosine", min_lr=1e-6, warmup_epochs=0.0, reference_t_max=16))
+    # Loss: the paper's cosine term, plus opt-in anti-collapse stabilisers (all weights 0 by default).
+    c.loss = default_loss_config()
     # Stochastic weight averaging: running mean of each arm's weights, once per epoch, over the last
     # (1 - start_fraction) of the epochs; the averaged CNN gets BatchNorm statistics measured again.
     c.swa = ml_collections.ConfigDict(dict(enabled=True, start_fraction=0.75))
