@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cass_jax.models import BatchNorm, create_model, init_variables, list_models
+from cass_jax.models.resnet import max_pool_3x3_stride2
 
 
 def param_count(model, image_size: int) -> int:
@@ -86,10 +87,26 @@ def test_batchnorm_normalises_with_biased_and_tracks_unbiased_variance():
     variables = bn.init(jax.random.key(0), x, train=False)
     y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
     xn = np.asarray(x).reshape(-1, 2)
-    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5), rtol=1e-5, atol=1e-5)
+    expected = (xn - xn.mean(0)) / np.sqrt(xn.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 2), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * xn.var(0, ddof=1), rtol=1e-6)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         bn.apply(variables, x[:1, :1, :1], train=True, mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_slice_max_pool_equals_flax_max_pool_with_torch_padding(size):
+    from flax import linen as nn
+
+    x = jax.random.normal(jax.random.key(4), (2, size, size, 3))
+
+    def reference(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    np.testing.assert_array_equal(max_pool_3x3_stride2(x), reference(x))
+    cotangent = jax.random.normal(jax.random.key(5), reference(x).shape)
+    grad = jax.grad(lambda x: jnp.sum(max_pool_3x3_stride2(x) * cotangent))(x)
+    np.testing.assert_allclose(grad, jax.grad(lambda x: jnp.sum(reference(x) * cotangent))(x), rtol=1e-6)
 
 
 def test_vit_outputs_and_size_errors(micro_vit):

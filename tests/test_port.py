@@ -206,7 +206,8 @@ def augreg_npz(state_dict: dict, num_heads: int) -> dict:
             state_dict[b + "attn.proj.weight"].T.reshape(num_heads, dim // num_heads, dim)
         out[f"{p}MultiHeadDotProductAttention_1/out/bias"] = state_dict[b + "attn.proj.bias"]
         for src, dst in (("norm1", "LayerNorm_0"), ("norm2", "LayerNorm_2")):
-            out[f"{p}{dst}/scale"], out[f"{p}{dst}/bias"] = state_dict[b + src + ".weight"], state_dict[b + src + ".bias"]
+            out[f"{p}{dst}/scale"] = state_dict[b + src + ".weight"]
+            out[f"{p}{dst}/bias"] = state_dict[b + src + ".bias"]
         for src, dst in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
             out[f"{p}MlpBlock_3/{dst}/kernel"] = state_dict[b + f"mlp.{src}.weight"].T
             out[f"{p}MlpBlock_3/{dst}/bias"] = state_dict[b + f"mlp.{src}.bias"]
@@ -264,7 +265,8 @@ def test_safetensors_vit_224_resampled_to_384_keeps_class_token(tmp_path):
     pos = np.asarray(variables["params"]["pos_embed"])
     assert pos.shape == (1, 577, 192)
     np.testing.assert_array_equal(pos[:, 0], state_dict["pos_embed"][:, 0])
-    np.testing.assert_array_equal(variables["params"]["blocks_3"]["mlp"]["fc1"]["bias"], state_dict["blocks.3.mlp.fc1.bias"])
+    fc1_bias = variables["params"]["blocks_3"]["mlp"]["fc1"]["bias"]
+    np.testing.assert_array_equal(fc1_bias, state_dict["blocks.3.mlp.fc1.bias"])
     logits = jit_apply(model)(variables, jnp.asarray(random_images(1, 384)))
     assert logits.shape == (1, 1000) and np.all(np.isfinite(logits))
 

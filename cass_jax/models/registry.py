@@ -12,7 +12,8 @@ from cass_jax.models.vit import VIT_WIDTHS, VisionTransformer
 
 
 def _resnet_tiny(num_classes: int, dtype: Any) -> ResNet:
-    """Test-sized ResNet; the 64-wide stem matches timm's `ResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128))`."""
+    """Test-sized ResNet (128 features), equal in layout to timm's
+    `ResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128))` (whose plain stem is always 64 wide)."""
     return ResNet(
         stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64, 128), stem_width=64,
         num_classes=num_classes, dtype=dtype,
@@ -70,17 +71,21 @@ def is_vit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-# Init runs once, so backend optimisation is wasted on it: level 0 compiles about 3x faster on XLA:CPU
-# (each random initializer otherwise costs ~1 s of LLVM time). Modules are hashable dataclasses, so
-# equal models share one compiled init.
-@functools.partial(jax.jit, static_argnums=(0, 2), compiler_options={"xla_backend_optimization_level": 0})
-def _jitted_init(model: nn.Module, rng: jax.Array, shape: tuple[int, ...]) -> dict:
+def _init(model: nn.Module, rng: jax.Array, shape: tuple[int, ...]) -> dict:
     return model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
+
+
+# Modules are hashable dataclasses, so equal models share one compiled init. Init runs once, so on
+# XLA:CPU backend optimisation is wasted on it: level 0 compiles about 3x faster (each random
+# initializer otherwise costs ~1 s of LLVM time). Other backends keep their defaults.
+_jitted_init = jax.jit(_init, static_argnums=(0, 2))
+_jitted_init_cpu = jax.jit(_init, static_argnums=(0, 2), compiler_options={"xla_backend_optimization_level": 0})
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int, batch_size: int = 1) -> dict:
     """Initialises `model` on a zero NHWC batch; returns plain nested dicts ({"params"[, "batch_stats"]})."""
-    variables = _jitted_init(model, rng, (batch_size, image_size, image_size, 3))
+    init = _jitted_init_cpu if jax.default_backend() == "cpu" else _jitted_init
+    variables = init(model, rng, (batch_size, image_size, image_size, 3))
     return _to_plain_dict(variables)
 
 

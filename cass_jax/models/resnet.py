@@ -5,6 +5,7 @@ PyTorch padding, because Flax's 'SAME' padding is asymmetric on even inputs and 
 feature map by one pixel relative to the PyTorch weights. Input is NHWC.
 """
 
+import functools
 from typing import Any, Sequence, Type
 
 import jax
@@ -57,6 +58,25 @@ class BatchNorm(nn.Module):
             mean, var = running_mean.value, running_var.value
         y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
         return y.astype(self.dtype)
+
+
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+    """3x3 / stride 2 max-pool with PyTorch's (1, 1) padding, as the max of nine strided slices.
+
+    Same values as `nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))`, but its gradient is plain
+    selects and pads instead of XLA's select_and_scatter, which is ~4x slower on XLA:CPU (1.4 s vs
+    0.46 s forward+backward at batch 16, 224 px). Gradients split only between exactly equal maxima,
+    which after a ReLU are zeros whose gradient is zero anyway.
+    """
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+    windows = [
+        jax.lax.slice(padded, (0, i, j, 0), (batch, i + 2 * out_h - 1, j + 2 * out_w - 1, channels), (1, 2, 2, 1))
+        for i in range(3)
+        for j in range(3)
+    ]
+    return functools.reduce(jnp.maximum, windows)
 
 
 def conv3x3(features: int, stride: int, dtype: Any, name: str) -> nn.Conv:
@@ -154,7 +174,7 @@ class ResNet(nn.Module):
             dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name="conv1",
         )(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_stride2(x)
         for stage, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
