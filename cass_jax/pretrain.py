@@ -43,6 +43,7 @@ class TrainState:
     swa_params: dict[str, Any]        # running mean of params, per arm
     swa_count: jnp.ndarray            # snapshots in the mean
     centres: dict[str, jnp.ndarray]   # running mean output per arm (used by the centring stabiliser only)
+    initial_spread: dict[str, jnp.ndarray]  # each arm's collapse/*_std at the first step, the collapse yardstick
     rng: jnp.ndarray                  # base key; each step folds in its number
 
 
@@ -89,7 +90,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], arms: Arms) -> tu
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               batch_stats={"cnn": cnn_batch_stats},
                               centres=update_centres(state.centres, cnn_logits, vit_logits,
-                                                     arms.loss.centring_momentum))
+                                                     arms.loss.centring_momentum),
+                              initial_spread={arm: jnp.where(state.step == 0, metrics[f"collapse/{arm}_std"],
+                                                             state.initial_spread[arm]) for arm in ARMS})
     return new_state, metrics
 
 
@@ -137,6 +140,7 @@ def initial_state(config: ml_collections.ConfigDict, arms: Arms) -> TrainState:
         swa_params=jax.tree.map(jnp.copy, params),
         swa_count=jnp.zeros((), jnp.int32),
         centres={arm: jnp.zeros((arms.cnn.num_classes or arms.cnn.num_features,), jnp.float32) for arm in ARMS},
+        initial_spread={arm: jnp.zeros((), jnp.float32) for arm in ARMS},
         rng=rng)
 
 
@@ -236,7 +240,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
                 writer.write_scalars(step, scalars)
                 progress.log(step, {k: scalars[k] for k in ("loss", "cosine", "lr/cnn", "collapse/cnn_std",
                                                             "collapse/vit_std")}, scalars["images_per_second"])
-                collapse_monitor.check(step, scalars)
+                collapse_monitor.check(step, scalars, jax.device_get(state.initial_spread))
 
             halting = config.halt_after_steps > 0 and step - start_step >= config.halt_after_steps
             if checkpointer.should_save(step) or step == total_steps or halting:
@@ -256,25 +260,22 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
 
 class CollapseMonitor:
     """Warns (first time, then every 10th check) when an arm's output spread falls below `fraction` of its
-    first logged value; with `stop=True` it raises instead, after the last checkpoint."""
+    value at the first step; with `stop=True` it raises instead (the last checkpoint stays)."""
 
     def __init__(self, fraction: float, stop: bool = False, repeat_every: int = 10):
         self.fraction, self.stop, self.repeat_every = fraction, stop, repeat_every
-        self.reference: dict[str, float] | None = None
         self.warnings = 0
 
-    def check(self, step: int, scalars: dict) -> bool:
+    def check(self, step: int, scalars: dict, initial_spread: dict) -> bool:
         """True when collapse is detected at this check."""
         current = {arm: scalars[f"collapse/{arm}_std"] for arm in ARMS}
-        if self.reference is None:
-            self.reference = current
-            return False
-        collapsed = [arm for arm in ARMS if current[arm] < self.fraction * self.reference[arm]]
+        reference = {arm: float(initial_spread[arm]) for arm in ARMS}
+        collapsed = [arm for arm in ARMS if current[arm] < self.fraction * reference[arm]]
         if not collapsed:
             return False
         message = "; ".join(
             f"the {arm} arm's output std is {current[arm]:.3g}, below {100 * self.fraction:.0f}% of its first "
-            f"value {self.reference[arm]:.3g}" for arm in collapsed)
+            f"value {reference[arm]:.3g}" for arm in collapsed)
         message = (f"Possible collapse at step {step}: {message}. Every image is getting nearly the same "
                    "output; see the README section on collapse.")
         if self.stop:

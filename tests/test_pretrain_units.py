@@ -128,11 +128,9 @@ def test_cross_arm_cosine():
 def test_collapse_monitor_warns_then_stops():
     from cass_jax.pretrain import CollapseMonitor
     scalars = lambda cnn, vit: {"collapse/cnn_std": cnn, "collapse/vit_std": vit}
+    initial = {"cnn": 0.01, "vit": 0.01}
     monitor = CollapseMonitor(fraction=0.1)
-    assert not monitor.check(1, scalars(0.01, 0.01))      # the reference
-    assert not monitor.check(2, scalars(0.002, 0.005))
-    assert monitor.check(3, scalars(0.0009, 0.005))
+    assert not monitor.check(2, scalars(0.002, 0.005), initial)
+    assert monitor.check(3, scalars(0.0009, 0.005), initial)
     with pytest.raises(FloatingPointError, match="step 7: the vit arm's output std is 1e-05"):
-        stopping = CollapseMonitor(fraction=0.1, stop=True)
-        stopping.check(1, scalars(0.01, 0.01))
-        stopping.check(7, scalars(0.01, 0.00001))
+        CollapseMonitor(fraction=0.1, stop=True).check(7, scalars(0.01, 0.00001), initial)
