@@ -113,7 +113,6 @@ def test_linear_probe_of_cass_pretrained_arms_on_brain_mri(tmp_path):
     d.label_fractions = (1.0,)
     d.seeds = (0,)
     d.max_epochs = 2
-    d.batch_size = 16
     results = run_pipeline(config, tmp_path)
     assert [(r["arm"], r["protocol"]) for r in results["runs"]] == [("cnn", "linear_probe"), ("vit", "linear_probe")]
     for record in results["runs"]:
