@@ -7,9 +7,13 @@
 """
 
 import argparse
+import contextlib
 import logging
+import os
+import socket
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
+from urllib.parse import urlparse
 
 import jax
 import numpy as np
@@ -21,19 +25,50 @@ from cass_jax.port.merge import merge_variables
 from cass_jax.port.pretrained import check_architecture, read_and_port
 
 
-def timm_pretrained_variables(name: str) -> tuple[str, dict]:
-    """Downloads `name` with timm (pretrained=True) and ports its state_dict: (architecture, variables)."""
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (or HF_ENDPOINT) accepts a TCP connection within `timeout_s`."""
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
-        import timm
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline_mode() -> Iterator[None]:
+    """Makes huggingface_hub use only its local cache, so that an offline machine fails in seconds
+    instead of after a minute of retries (the flag is read from the environment at import time)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants as hub_constants
+
+    previous, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = previous
+        del os.environ["HF_HUB_OFFLINE"]
+
+
+def timm_pretrained_variables(name: str) -> tuple[str, dict]:
+    """Downloads `name` with timm (pretrained=True) and ports its state_dict: (architecture, variables).
+
+    Without a connection to the hub, timm may still load the weights from its local cache.
+    """
+    offline = not hub_reachable() and "HF_HUB_OFFLINE" not in os.environ
+    try:
+        with hub_offline_mode() if offline else contextlib.nullcontext():
+            import timm
+
+            torch_model = timm.create_model(name, pretrained=True)
     except ImportError:
         raise RuntimeError("--source timm needs timm and torch: `pip install timm torch`.") from None
-    try:
-        torch_model = timm.create_model(name, pretrained=True)
     except Exception as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        where = "no connection to the Hugging Face hub and not in the local cache: " if offline else ""
         raise RuntimeError(
-            f"timm could not fetch pretrained {name!r} ({type(error).__name__}: {first_line}); without internet, "
-            f"download the weights elsewhere and pass the file with --source PATH."
+            f"timm could not fetch pretrained {name!r} ({where}{type(error).__name__}: {first_line}); without "
+            f"internet, download the weights elsewhere and pass the file with --source PATH."
         ) from None
     state_dict = {key: value.detach().float().numpy() for key, value in torch_model.state_dict().items()}
     return port_state_dict(state_dict)
