@@ -102,6 +102,7 @@ def test_single_linear_probe_run_is_reproducible(demo_run):
     np.testing.assert_array_equal(outputs[0]["probabilities"], outputs[1]["probabilities"])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not BRAIN_MRI.is_dir(), reason=f"{BRAIN_MRI} is absent")
 def test_linear_probe_of_cass_pretrained_arms_on_brain_mri(tmp_path):
     config = tiny_config()
