@@ -1,5 +1,6 @@
 """CASS pretraining end to end with tiny arms: learning, TensorBoard, export, resume, errors, real data."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -90,11 +91,13 @@ def test_pretraining_learns_logs_and_exports(tmp_path):
         assert np.isfinite(np.asarray(model.apply(averaged, images, train=False))).all()
 
 
-def test_resume_gives_identical_parameters(tmp_path):
-    uninterrupted = pretrain(tiny_config(), tmp_path / "straight")
-    assert pretrain(tiny_config(halt_after_steps=5), tmp_path / "resumed") is None
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_identical_parameters(tmp_path, workers):
+    config = functools.partial(tiny_config, **{"data.workers": workers})
+    uninterrupted = pretrain(config(), tmp_path / "straight")
+    assert pretrain(config(halt_after_steps=5), tmp_path / "resumed") is None
     assert ocp.CheckpointManager(tmp_path / "resumed" / "checkpoints").latest_step() == 5
-    resumed = pretrain(tiny_config(), tmp_path / "resumed")
+    resumed = pretrain(config(), tmp_path / "resumed")
     for arm in ("cnn", "vit"):
         for kind in ("raw", "swa"):
             a, b = load_variables(uninterrupted[arm][kind]), load_variables(resumed[arm][kind])
@@ -150,7 +153,6 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_a_good_checkpoint(tmp_pat
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    import functools
     from cass_jax.pretrain import build_arms, initial_state, train_step
     config = tiny_config(dtype="bfloat16")
     arms = build_arms(config, total_steps=10, steps_per_epoch=5)
