@@ -237,10 +237,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
                 scalars["lr/vit"] = float(state.opt_state["vit"].hyperparams["learning_rate"])
                 scalars["images_per_second"] = progress.images_per_second(step)
                 scalars["epoch"] = step / steps_per_epoch
+                scalars.update({f"collapse/{arm}_initial_std": float(value)
+                                for arm, value in jax.device_get(state.initial_spread).items()})
                 writer.write_scalars(step, scalars)
                 progress.log(step, {k: scalars[k] for k in ("loss", "cosine", "lr/cnn", "collapse/cnn_std",
                                                             "collapse/vit_std")}, scalars["images_per_second"])
-                collapse_monitor.check(step, scalars, jax.device_get(state.initial_spread))
+                collapse_monitor.check(step, scalars, {arm: scalars[f"collapse/{arm}_initial_std"] for arm in ARMS})
 
             halting = config.halt_after_steps > 0 and step - start_step >= config.halt_after_steps
             if checkpointer.should_save(step) or step == total_steps or halting:
