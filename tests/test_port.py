@@ -5,6 +5,7 @@ no parameter is a no-op (timm zero-initialises each block's last BN scale; torch
 """
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -324,6 +325,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    # Tests never touch the network: pretend the reachability probe found no hub.
+    monkeypatch.setattr(sys.modules["cass_jax.port.__main__"], "hub_reachable", lambda *args, **kwargs: False)
     assert port_cli(["--model", "resnet50", "--source", "timm", "--out", str(tmp_path / "x.msgpack")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--source PATH" in err and "couldn't connect" in err
