@@ -18,194 +18,194 @@ Record = dict[str, Any]
 
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
-  """Decodes encoded image bytes to uint8 (H, W, 3) RGB; grayscale/palette/alpha are converted."""
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image.convert("RGB"))
-  except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files.
-    raise ValueError(
-        f"Cannot decode image {name}: {error}. The file is unreadable or truncated: replace or delete "
-        "it, or set data.skip_corrupt=True to drop corrupt images when the splits are loaded."
-    ) from error
+    """Decodes encoded image bytes to uint8 (H, W, 3) RGB; grayscale/palette/alpha are converted."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files.
+        raise ValueError(
+            f"Cannot decode image {name}: {error}. The file is unreadable or truncated: replace or delete "
+            "it, or set data.skip_corrupt=True to drop corrupt images when the splits are loaded."
+        ) from error
 
 
 def resize(image: Image.Image, size: int) -> Image.Image:
-  """Resizes to size x size with antialiased bilinear filtering (torchvision Resize on PIL)."""
-  if image.size == (size, size):
-    return image
-  return image.resize((size, size), Image.BILINEAR)
+    """Resizes to size x size with antialiased bilinear filtering (torchvision Resize on PIL)."""
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), Image.BILINEAR)
 
 
 def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
-  """Scales intensities by `factor` (torchvision adjust_brightness; 1 is the identity)."""
-  return ImageEnhance.Brightness(image).enhance(factor)
+    """Scales intensities by `factor` (torchvision adjust_brightness; 1 is the identity)."""
+    return ImageEnhance.Brightness(image).enhance(factor)
 
 
 def adjust_contrast(image: Image.Image, factor: float) -> Image.Image:
-  """Blends with the mean gray level (torchvision adjust_contrast; 1 is the identity)."""
-  return ImageEnhance.Contrast(image).enhance(factor)
+    """Blends with the mean gray level (torchvision adjust_contrast; 1 is the identity)."""
+    return ImageEnhance.Contrast(image).enhance(factor)
 
 
 def adjust_saturation(image: Image.Image, factor: float) -> Image.Image:
-  """Blends with the grayscale image (torchvision adjust_saturation; 1 is the identity)."""
-  return ImageEnhance.Color(image).enhance(factor)
+    """Blends with the grayscale image (torchvision adjust_saturation; 1 is the identity)."""
+    return ImageEnhance.Color(image).enhance(factor)
 
 
 def color_jitter(
     image: Image.Image, rng: np.random.Generator, brightness: float, contrast: float, saturation: float
 ) -> Image.Image:
-  """torchvision ColorJitter: factors uniform in [1-x, 1+x], applied in a random order."""
-  adjustments = (
-      (adjust_brightness, brightness),
-      (adjust_contrast, contrast),
-      (adjust_saturation, saturation),
-  )
-  for i in rng.permutation(len(adjustments)):
-    adjust, amount = adjustments[i]
-    if amount > 0:
-      image = adjust(image, float(rng.uniform(max(0.0, 1 - amount), 1 + amount)))
-  return image
+    """torchvision ColorJitter: factors uniform in [1-x, 1+x], applied in a random order."""
+    adjustments = (
+        (adjust_brightness, brightness),
+        (adjust_contrast, contrast),
+        (adjust_saturation, saturation),
+    )
+    for i in rng.permutation(len(adjustments)):
+        adjust, amount = adjustments[i]
+        if amount > 0:
+            image = adjust(image, float(rng.uniform(max(0.0, 1 - amount), 1 + amount)))
+    return image
 
 
 def perspective_points(
     width: int, height: int, distortion: float, rng: np.random.Generator
 ) -> tuple[list[list[int]], list[list[int]]]:
-  """Corner displacements of torchvision RandomPerspective.get_params (integer pixels)."""
-  half_w, half_h = width // 2, height // 2
-  dx, dy = int(distortion * half_w) + 1, int(distortion * half_h) + 1
+    """Corner displacements of torchvision RandomPerspective.get_params (integer pixels)."""
+    half_w, half_h = width // 2, height // 2
+    dx, dy = int(distortion * half_w) + 1, int(distortion * half_h) + 1
 
-  def draw(low: int, high: int) -> int:
-    return int(rng.integers(low, high))
+    def draw(low: int, high: int) -> int:
+        return int(rng.integers(low, high))
 
-  topleft = [draw(0, dx), draw(0, dy)]
-  topright = [draw(width - dx, width), draw(0, dy)]
-  botright = [draw(width - dx, width), draw(height - dy, height)]
-  botleft = [draw(0, dx), draw(height - dy, height)]
-  start = [[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]
-  return start, [topleft, topright, botright, botleft]
+    topleft = [draw(0, dx), draw(0, dy)]
+    topright = [draw(width - dx, width), draw(0, dy)]
+    botright = [draw(width - dx, width), draw(height - dy, height)]
+    botleft = [draw(0, dx), draw(height - dy, height)]
+    start = [[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]
+    return start, [topleft, topright, botright, botleft]
 
 
 def perspective_coefficients(start: Sequence[Sequence[int]], end: Sequence[Sequence[int]]) -> list[float]:
-  """PIL PERSPECTIVE coefficients mapping output to input pixels (torchvision _get_perspective_coeffs)."""
-  a = np.zeros((8, 8))
-  for i, ((x, y), (u, v)) in enumerate(zip(end, start)):
-    a[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
-    a[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
-  b = np.asarray(start, np.float64).reshape(8)
-  return np.linalg.lstsq(a, b, rcond=None)[0].astype(np.float32).tolist()
+    """PIL PERSPECTIVE coefficients mapping output to input pixels (torchvision _get_perspective_coeffs)."""
+    a = np.zeros((8, 8))
+    for i, ((x, y), (u, v)) in enumerate(zip(end, start)):
+        a[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
+        a[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
+    b = np.asarray(start, np.float64).reshape(8)
+    return np.linalg.lstsq(a, b, rcond=None)[0].astype(np.float32).tolist()
 
 
 def perspective(image: Image.Image, start, end) -> Image.Image:
-  """Warps so that corners `start` move to `end`; bilinear, black fill (torchvision F.perspective)."""
-  coefficients = perspective_coefficients(start, end)
-  return image.transform(image.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR, fillcolor=0)
+    """Warps so that corners `start` move to `end`; bilinear, black fill (torchvision F.perspective)."""
+    coefficients = perspective_coefficients(start, end)
+    return image.transform(image.size, Image.PERSPECTIVE, coefficients, Image.BILINEAR, fillcolor=0)
 
 
 def rotate(image: Image.Image, degrees: float) -> Image.Image:
-  """Rotates clockwise (torchvision F.affine's convention) about the centre; nearest, black fill.
+    """Rotates clockwise (torchvision F.affine's convention) about the centre; nearest, black fill.
 
-  The inverse matrix of torchvision F.affine(angle, translate=0, scale=1, shear=0) on PIL images,
-  centred at (w/2, h/2) as torchvision does.
-  """
-  if degrees == 0:
-    return image
-  width, height = image.size
-  cx, cy = width * 0.5, height * 0.5
-  rot = math.radians(degrees)
-  m = [math.cos(rot), math.sin(rot), 0.0, -math.sin(rot), math.cos(rot), 0.0]
-  m[2] = m[0] * -cx + m[1] * -cy + cx
-  m[5] = m[3] * -cx + m[4] * -cy + cy
-  return image.transform(image.size, Image.AFFINE, m, Image.NEAREST, fillcolor=0)
+    The inverse matrix of torchvision F.affine(angle, translate=0, scale=1, shear=0) on PIL images,
+    centred at (w/2, h/2) as torchvision does.
+    """
+    if degrees == 0:
+        return image
+    width, height = image.size
+    cx, cy = width * 0.5, height * 0.5
+    rot = math.radians(degrees)
+    m = [math.cos(rot), math.sin(rot), 0.0, -math.sin(rot), math.cos(rot), 0.0]
+    m[2] = m[0] * -cx + m[1] * -cy + cx
+    m[5] = m[3] * -cx + m[4] * -cy + cy
+    return image.transform(image.size, Image.AFFINE, m, Image.NEAREST, fillcolor=0)
 
 
 def normalize_batch(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 (..., 3) -> float32 ((x / 255) - mean) / std, in one fused pass over the batch."""
-  scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
-  offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
-  out = images.astype(np.float32)
-  out *= scale
-  out += offset
-  return out
+    """uint8 (..., 3) -> float32 ((x / 255) - mean) / std, in one fused pass over the batch."""
+    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).astype(np.float32)
+    offset = (-np.asarray(mean, np.float32) / np.asarray(std, np.float32)).astype(np.float32)
+    out = images.astype(np.float32)
+    out *= scale
+    out += offset
+    return out
 
 
 def to_pil(array: np.ndarray, gray_fast_path: bool = True) -> Image.Image:
-  """uint8 (H, W, 3) -> PIL image; mode "L" when all three channels are equal.
+    """uint8 (H, W, 3) -> PIL image; mode "L" when all three channels are equal.
 
-  Every CASS operation treats channels alike (resize, warps, brightness) or, on a gray image, uses
-  the image's own gray values (contrast's mean, saturation's grayscale: PIL's RGB->L weights sum to
-  exactly 1), so working on one channel gives the same pixels 3x cheaper. Most MRI files are gray.
-  """
-  if gray_fast_path and array.ndim == 3 and array.shape[2] == 3:
-    gray = array[:, :, 0]
-    if np.array_equal(gray, array[:, :, 1]) and np.array_equal(gray, array[:, :, 2]):
-      return Image.fromarray(np.ascontiguousarray(gray), "L")
-  return Image.fromarray(array)
+    Every CASS operation treats channels alike (resize, warps, brightness) or, on a gray image, uses
+    the image's own gray values (contrast's mean, saturation's grayscale: PIL's RGB->L weights sum to
+    exactly 1), so working on one channel gives the same pixels 3x cheaper. Most MRI files are gray.
+    """
+    if gray_fast_path and array.ndim == 3 and array.shape[2] == 3:
+        gray = array[:, :, 0]
+        if np.array_equal(gray, array[:, :, 1]) and np.array_equal(gray, array[:, :, 2]):
+            return Image.fromarray(np.ascontiguousarray(gray), "L")
+    return Image.fromarray(array)
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
-  """PIL image -> uint8 (H, W, 3)."""
-  return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    """PIL image -> uint8 (H, W, 3)."""
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalTransform:
-  """Evaluation transform: RGB uint8 image -> resized uint8 image (normalised later, per batch)."""
+    """Evaluation transform: RGB uint8 image -> resized uint8 image (normalised later, per batch)."""
 
-  image_size: int
-  gray_fast_path: bool = True
+    image_size: int
+    gray_fast_path: bool = True
 
-  def __call__(self, record: Record) -> Record:
-    image = to_pil(record["image"], self.gray_fast_path)
-    return {**record, "image": to_rgb_array(resize(image, self.image_size))}
+    def __call__(self, record: Record) -> Record:
+        image = to_pil(record["image"], self.gray_fast_path)
+        return {**record, "image": to_rgb_array(resize(image, self.image_size))}
 
 
 @dataclasses.dataclass(frozen=True)
 class CassAugment:
-  """The CASS training augmentation, as a grain random map (record, rng) -> record.
+    """The CASS training augmentation, as a grain random map (record, rng) -> record.
 
-  torchvision pipeline it reproduces (official CASS code):
-    Resize(S); RandomApply([ColorJitter(.2, .2, .2), RandomPerspective(.2, p=.5)], p=.3);
-    RandomApply([RandomAffine(10)], p=.3)  (ISIC version: [ColorJitter(.2, .2, .2), RandomAffine(10)]);
-    RandomVerticalFlip(.3); RandomHorizontalFlip(.3); ToTensor; Normalize.
-  Each step uses the same PIL operation as torchvision's PIL path (Image.resize bilinear with
-  antialias, ImageEnhance, Image.transform PERSPECTIVE bilinear / AFFINE nearest, black fill), so for
-  the same random parameters the output is pixel-identical. Differences:
-  - random numbers come from the NumPy generator grain derives from (seed, epoch, example index),
-    not from torch's global generator, so draws differ from a torch run (distributions are the same);
-  - normalisation happens when the batch is assembled (same values as ToTensor + Normalize);
-  - images whose three channels are equal are processed as one gray channel (same values, see
-    `to_pil`; `gray_fast_path=False` turns this off);
-  - perspective coefficients are solved with NumPy lstsq instead of torch gels (same float32 result
-    up to rounding).
-  """
+    torchvision pipeline it reproduces (official CASS code):
+      Resize(S); RandomApply([ColorJitter(.2, .2, .2), RandomPerspective(.2, p=.5)], p=.3);
+      RandomApply([RandomAffine(10)], p=.3)  (ISIC version: [ColorJitter(.2, .2, .2), RandomAffine(10)]);
+      RandomVerticalFlip(.3); RandomHorizontalFlip(.3); ToTensor; Normalize.
+    Each step uses the same PIL operation as torchvision's PIL path (Image.resize bilinear with
+    antialias, ImageEnhance, Image.transform PERSPECTIVE bilinear / AFFINE nearest, black fill), so for
+    the same random parameters the output is pixel-identical. Differences:
+    - random numbers come from the NumPy generator grain derives from (seed, epoch, example index),
+      not from torch's global generator, so draws differ from a torch run (distributions are the same);
+    - normalisation happens when the batch is assembled (same values as ToTensor + Normalize);
+    - images whose three channels are equal are processed as one gray channel (same values, see
+      `to_pil`; `gray_fast_path=False` turns this off);
+    - perspective coefficients are solved with NumPy lstsq instead of torch gels (same float32 result
+      up to rounding).
+    """
 
-  image_size: int
-  jitter: float = 0.2
-  distortion: float = 0.2
-  perspective_probability: float = 0.5
-  degrees: float = 10.0
-  group_probability: float = 0.3
-  flip_probability: float = 0.3
-  jitter_with_rotation: bool = False
-  gray_fast_path: bool = True
+    image_size: int
+    jitter: float = 0.2
+    distortion: float = 0.2
+    perspective_probability: float = 0.5
+    degrees: float = 10.0
+    group_probability: float = 0.3
+    flip_probability: float = 0.3
+    jitter_with_rotation: bool = False
+    gray_fast_path: bool = True
 
-  def augment(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
-    """Returns the augmented, resized uint8 (S, S, 3) array."""
-    image = resize(image, self.image_size)
-    if rng.random() < self.group_probability:
-      image = color_jitter(image, rng, self.jitter, self.jitter, self.jitter)
-      if rng.random() < self.perspective_probability:
-        start, end = perspective_points(image.width, image.height, self.distortion, rng)
-        image = perspective(image, start, end)
-    if rng.random() < self.group_probability:
-      if self.jitter_with_rotation:
-        image = color_jitter(image, rng, self.jitter, self.jitter, self.jitter)
-      image = rotate(image, float(rng.uniform(-self.degrees, self.degrees)))
-    if rng.random() < self.flip_probability:
-      image = image.transpose(Image.FLIP_TOP_BOTTOM)
-    if rng.random() < self.flip_probability:
-      image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return to_rgb_array(image)
+    def augment(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        """Returns the augmented, resized uint8 (S, S, 3) array."""
+        image = resize(image, self.image_size)
+        if rng.random() < self.group_probability:
+            image = color_jitter(image, rng, self.jitter, self.jitter, self.jitter)
+            if rng.random() < self.perspective_probability:
+                start, end = perspective_points(image.width, image.height, self.distortion, rng)
+                image = perspective(image, start, end)
+        if rng.random() < self.group_probability:
+            if self.jitter_with_rotation:
+                image = color_jitter(image, rng, self.jitter, self.jitter, self.jitter)
+            image = rotate(image, float(rng.uniform(-self.degrees, self.degrees)))
+        if rng.random() < self.flip_probability:
+            image = image.transpose(Image.FLIP_TOP_BOTTOM)
+        if rng.random() < self.flip_probability:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_rgb_array(image)
 
-  def __call__(self, record: Record, rng: np.random.Generator) -> Record:
-    return {**record, "image": self.augment(to_pil(record["image"], self.gray_fast_path), rng)}
+    def __call__(self, record: Record, rng: np.random.Generator) -> Record:
+        return {**record, "image": self.augment(to_pil(record["image"], self.gray_fast_path), rng)}
