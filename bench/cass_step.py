@@ -2,6 +2,7 @@
 
 python bench/cass_step.py [--settings big:4:224,big:2:384,small:16:224] [--iters 5] [--threads 2]
     [--reference ../shared/reference/torch_cass_step.py] [--device cpu|gpu] [--dtype float32|bfloat16]
+    [--kernel-grad auto|xla|matmul] [--xla-flags "..."]
 
 Each setting runs in fresh processes (JAX, then PyTorch), and prints one line ending in
 `ratio=<our median step time / timm median step time>` (below 1: we are faster).
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 ARMS = {"big": ("resnet50", "vit_base_patch16_224"), "small": ("resnet18", "vit_tiny_patch16_224")}
 
 
-def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str) -> dict:
+def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str, kernel_grad: str) -> dict:
     """Median step time of our jitted CASS step (same Adam, constant lr 1e-4, as the reference)."""
     import jax
     import numpy as np
@@ -37,6 +38,7 @@ def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str) -> 
     config.cnn.init = config.vit.init = "random"
     config.data.image_size = size
     config.dtype = dtype
+    config.cnn.kernel_grad = kernel_grad
     config.optim.schedule = "constant"
     config.optim.cnn_lr = config.optim.vit_lr = 1e-4
     arms = build_arms(config, total_steps=1000, steps_per_epoch=100)
@@ -58,6 +60,7 @@ def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str) -> 
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return dict(framework="jax", jax=jax.__version__, device=str(jax.devices()[0]), dtype=dtype, variant=variant,
+                kernel_grad=kernel_grad, xla_flags=os.environ.get("XLA_FLAGS", ""),
                 batch=batch, size=size, compile_s=round(compile_s, 1), step_times_s=[round(t, 4) for t in times],
                 median_step_s=round(median, 4), img_per_s=round(batch / median, 3),
                 step_gflop=round(flops / 1e9, 1),
@@ -81,12 +84,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or gpu (the reference then runs with --device cuda)")
     parser.add_argument("--reference", default=str(REPO.parent / "shared" / "reference" / "torch_cass_step.py"))
     parser.add_argument("--amp", action="store_true", help="reference in bf16 autocast (pair with --dtype bfloat16)")
+    parser.add_argument("--kernel-grad", default="auto", help="config.cnn.kernel_grad: auto, xla or matmul")
+    parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for our step (e.g. to try an XLA option)")
+    parser.add_argument("--skip-reference", action="store_true", help="time our step only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         variant, batch, size = args.worker.split(":")
-        print("RESULT " + json.dumps(measure_jax(variant, int(batch), int(size), args.iters, args.dtype)), flush=True)
+        print("RESULT " + json.dumps(measure_jax(variant, int(batch), int(size), args.iters, args.dtype,
+                                                 args.kernel_grad)), flush=True)
         return
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -97,12 +104,18 @@ def main() -> None:
     for setting in args.settings.split(","):
         variant, batch, size = setting.split(":")
         ours = run_child([sys.executable, __file__, "--worker", setting, "--iters", str(args.iters),
-                          "--dtype", args.dtype], env)
+                          "--dtype", args.dtype, "--kernel-grad", args.kernel_grad],
+                         {**env, "XLA_FLAGS": f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()})
+        if args.skip_reference:
+            print(f"{variant} ({'+'.join(ARMS[variant])}) bs {batch} @{size} {args.dtype} kernel_grad="
+                  f"{args.kernel_grad}: jax {ours['median_step_s']:.3f} s/step ({ours['img_per_s']:.2f} img/s, "
+                  f"peak RSS {ours['peak_rss_GiB']} GiB)", flush=True)
+            continue
         reference_command = [sys.executable, args.reference, variant, batch, size, "--iters", str(args.iters),
                              "--threads", str(args.threads), "--device", "cuda" if args.device == "gpu" else "cpu"]
         theirs = run_child(reference_command + (["--amp"] if args.amp else []), env)
         print(json.dumps({"jax": ours, "torch": theirs}), file=sys.stderr)
-        print(f"{variant} ({'+'.join(ARMS[variant])}) bs {batch} @{size} {args.dtype}: "
+        print(f"{variant} ({'+'.join(ARMS[variant])}) bs {batch} @{size} {args.dtype} kernel_grad={args.kernel_grad}: "
               f"jax {ours['median_step_s']:.3f} s/step ({ours['img_per_s']:.2f} img/s, peak RSS "
               f"{ours['peak_rss_GiB']} GiB) | timm {theirs['median_step_s']:.3f} s/step ({theirs['img_per_s']:.2f} "
               f"img/s, peak RSS {theirs['peak_rss_GiB']} GiB) | ratio={ours['median_step_s'] / theirs['median_step_s']:.2f}",

@@ -105,7 +105,8 @@ def update_weight_average(state: TrainState) -> TrainState:
 def build_arms(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> Arms:
     """The CNN and ViT modules named in the config, and one Adam per arm with its own lr schedule."""
     dtype = jnp.dtype(config.dtype)
-    cnn = create_model(config.cnn.name, num_classes=config.cnn.num_classes, dtype=dtype)
+    cnn = create_model(config.cnn.name, num_classes=config.cnn.num_classes, dtype=dtype,
+                       kernel_grad=config.cnn.kernel_grad)
     vit = create_model(config.vit.name, num_classes=config.vit.num_classes, dtype=dtype,
                        img_size=config.data.image_size)
     if cnn.num_classes != vit.num_classes:

@@ -130,20 +130,19 @@ def test_default_vit_size_comes_from_the_name():
     assert create_model("vit_micro_patch16").img_size == 224
 
 
-def test_vit_uses_exact_gelu(micro_vit):
-    """Swapping in tanh-GELU must change the output: proves the model is not using the approximation."""
-    model, variables = micro_vit
-    x = jax.random.normal(jax.random.key(5), (1, 32, 32, 3))
-    exact = jit_apply(model)(variables, x)
+def test_vit_uses_exact_gelu(micro_vit, monkeypatch):
+    """The MLP activation is the exact (erf) GELU: swapping in tanh-GELU changes the output, Flax's exact one does not."""
     from flax import linen as nn
 
-    original = nn.gelu
-    try:
-        nn.gelu = lambda y, approximate=True: original(y, approximate=True)
-        approx = jit_apply(model)(variables, x)
-    finally:
-        nn.gelu = original
-    assert np.max(np.abs(np.asarray(exact) - np.asarray(approx))) > 1e-6
+    from cass_jax.models import vit
+
+    model, variables = micro_vit
+    x = jax.random.normal(jax.random.key(5), (1, 32, 32, 3))
+    ours = np.asarray(jit_apply(model)(variables, x))
+    monkeypatch.setattr(vit, "exact_gelu", lambda y: nn.gelu(y, approximate=False))
+    np.testing.assert_allclose(np.asarray(jit_apply(model)(variables, x)), ours, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(vit, "exact_gelu", lambda y: nn.gelu(y, approximate=True))
+    assert np.max(np.abs(np.asarray(jit_apply(model)(variables, x)) - ours)) > 1e-6
 
 
 @pytest.mark.parametrize("name,size", [("resnet_tiny", 128), ("vit_micro_patch16", 32)])

@@ -11,12 +11,12 @@ from cass_jax.models.resnet import RESNET_DEPTHS, BasicBlock, ResNet, resnet
 from cass_jax.models.vit import VIT_WIDTHS, VisionTransformer
 
 
-def _resnet_tiny(num_classes: int, dtype: Any) -> ResNet:
+def _resnet_tiny(num_classes: int, dtype: Any, kernel_grad: str = "auto") -> ResNet:
     """Test-sized ResNet (128 features), equal in layout to timm's
     `ResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128))` (whose plain stem is always 64 wide)."""
     return ResNet(
         stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64, 128), stem_width=64,
-        num_classes=num_classes, dtype=dtype,
+        num_classes=num_classes, dtype=dtype, kernel_grad=kernel_grad,
     )
 
 
@@ -55,7 +55,8 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32, *
     """Builds a model by timm name (`resnet50`, `vit_base_patch16_384`, ...).
 
     `num_classes=0` removes the head (the model returns pooled features). ViTs accept `img_size=` to
-    override the size in the name; ResNets take no extra kwargs.
+    override the size in the name; ResNets accept `kernel_grad=` ("auto", "xla" or "matmul", see
+    models.resnet.conv_function).
     """
     if name not in MODEL_BUILDERS:
         raise ValueError(f"Unknown model name {name!r}; known names: {', '.join(list_models())}.")

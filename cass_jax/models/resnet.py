@@ -6,11 +6,13 @@ feature map by one pixel relative to the PyTorch weights. Input is NHWC.
 """
 
 import functools
-from typing import Any, Sequence, Type
+from typing import Any, Callable, Sequence, Type
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from cass_jax.models.conv import matmul_grad_conv
 
 # kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm and torchvision initialise convs.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -79,17 +81,35 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
     return functools.reduce(jnp.maximum, windows)
 
 
-def conv3x3(features: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+KERNEL_GRADS = ("auto", "xla", "matmul")
+
+
+def conv_function(kernel_grad: str) -> Callable | None:
+    """The convolution nn.Conv should call: XLA's (None) or `matmul_grad_conv`.
+
+    "auto" picks the matrix-product kernel gradient on the CPU backend, where XLA's is slow, and XLA's
+    own elsewhere (GPU convolution libraries compute kernel gradients well).
+    """
+    if kernel_grad not in KERNEL_GRADS:
+        raise ValueError(f"kernel_grad={kernel_grad!r}; choose one of {KERNEL_GRADS}.")
+    if kernel_grad == "auto":
+        kernel_grad = "matmul" if jax.default_backend() == "cpu" else "xla"
+    return matmul_grad_conv if kernel_grad == "matmul" else None
+
+
+def conv3x3(features: int, stride: int, dtype: Any, name: str, kernel_grad: str = "auto") -> nn.Conv:
     return nn.Conv(
         features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)), use_bias=False,
-        dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name,
+        dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+        conv_general_dilated=conv_function(kernel_grad), name=name,
     )
 
 
-def conv1x1(features: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+def conv1x1(features: int, stride: int, dtype: Any, name: str, kernel_grad: str = "auto") -> nn.Conv:
     return nn.Conv(
         features, (1, 1), strides=(stride, stride), padding="VALID", use_bias=False,
-        dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name=name,
+        dtype=dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+        conv_general_dilated=conv_function(kernel_grad), name=name,
     )
 
 
@@ -99,17 +119,18 @@ class BasicBlock(nn.Module):
     width: int
     stride: int = 1
     dtype: Any = jnp.float32
+    kernel_grad: str = "auto"
     expansion = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         out_features = self.width * self.expansion
-        y = conv3x3(self.width, self.stride, self.dtype, "conv1")(x)
+        y = conv3x3(self.width, self.stride, self.dtype, "conv1", self.kernel_grad)(x)
         y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
-        y = conv3x3(out_features, 1, self.dtype, "conv2")(y)
+        y = conv3x3(out_features, 1, self.dtype, "conv2", self.kernel_grad)(y)
         # timm zero-initialises the last BatchNorm scale of each block (zero_init_last=True).
         y = BatchNorm(dtype=self.dtype, scale_init=nn.initializers.zeros, name="bn2")(y, train)
-        shortcut = downsample_if_needed(x, out_features, self.stride, self.dtype, train)
+        shortcut = downsample_if_needed(x, out_features, self.stride, self.dtype, train, self.kernel_grad)
         return nn.relu(y + shortcut)
 
 
@@ -119,29 +140,31 @@ class Bottleneck(nn.Module):
     width: int
     stride: int = 1
     dtype: Any = jnp.float32
+    kernel_grad: str = "auto"
     expansion = 4
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         out_features = self.width * self.expansion
-        y = conv1x1(self.width, 1, self.dtype, "conv1")(x)
+        y = conv1x1(self.width, 1, self.dtype, "conv1", self.kernel_grad)(x)
         y = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(y, train))
-        y = conv3x3(self.width, self.stride, self.dtype, "conv2")(y)
+        y = conv3x3(self.width, self.stride, self.dtype, "conv2", self.kernel_grad)(y)
         y = nn.relu(BatchNorm(dtype=self.dtype, name="bn2")(y, train))
-        y = conv1x1(out_features, 1, self.dtype, "conv3")(y)
+        y = conv1x1(out_features, 1, self.dtype, "conv3", self.kernel_grad)(y)
         y = BatchNorm(dtype=self.dtype, scale_init=nn.initializers.zeros, name="bn3")(y, train)
-        shortcut = downsample_if_needed(x, out_features, self.stride, self.dtype, train)
+        shortcut = downsample_if_needed(x, out_features, self.stride, self.dtype, train, self.kernel_grad)
         return nn.relu(y + shortcut)
 
 
-def downsample_if_needed(x: jax.Array, out_features: int, stride: int, dtype: Any, train: bool) -> jax.Array:
+def downsample_if_needed(x: jax.Array, out_features: int, stride: int, dtype: Any, train: bool,
+                         kernel_grad: str = "auto") -> jax.Array:
     """Identity shortcut, or 1x1 conv + BN (`downsample.0` / `downsample.1` in PyTorch) when shapes change.
 
     Called inside a block's compact __call__, so the modules it creates belong to that block.
     """
     if stride == 1 and x.shape[-1] == out_features:
         return x
-    y = conv1x1(out_features, stride, dtype, "downsample_conv")(x)
+    y = conv1x1(out_features, stride, dtype, "downsample_conv", kernel_grad)(x)
     return BatchNorm(dtype=dtype, name="downsample_bn")(y, train)
 
 
@@ -159,6 +182,8 @@ class ResNet(nn.Module):
     stem_width: int = 64
     num_classes: int = 1000
     dtype: Any = jnp.float32
+    # How convolution kernel gradients are computed (conv_function): "auto", "xla" or "matmul".
+    kernel_grad: str = "auto"
 
     @property
     def num_features(self) -> int:
@@ -171,7 +196,8 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.Conv(
             self.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init, name="conv1",
+            dtype=self.dtype, param_dtype=jnp.float32, kernel_init=conv_kernel_init,
+            conv_general_dilated=conv_function(self.kernel_grad), name="conv1",
         )(x)
         x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
         x = max_pool_3x3_stride2(x)
@@ -179,7 +205,8 @@ class ResNet(nn.Module):
             for index in range(num_blocks):
                 stride = 2 if stage > 0 and index == 0 else 1
                 x = self.block_cls(
-                    width=width, stride=stride, dtype=self.dtype, name=f"layer{stage + 1}_{index}"
+                    width=width, stride=stride, dtype=self.dtype, kernel_grad=self.kernel_grad,
+                    name=f"layer{stage + 1}_{index}",
                 )(x, train)
         features = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         if self.num_classes == 0:
@@ -202,9 +229,10 @@ RESNET_DEPTHS: dict[int, tuple[Type[nn.Module], tuple[int, ...]]] = {
 }
 
 
-def resnet(depth: int, num_classes: int = 1000, dtype: Any = jnp.float32) -> ResNet:
+def resnet(depth: int, num_classes: int = 1000, dtype: Any = jnp.float32, kernel_grad: str = "auto") -> ResNet:
     """torchvision/timm ResNet-`depth` (18, 34, 50, 101, 152 or 200)."""
     if depth not in RESNET_DEPTHS:
         raise ValueError(f"Unknown ResNet depth {depth}; known depths: {sorted(RESNET_DEPTHS)}.")
     block_cls, stage_sizes = RESNET_DEPTHS[depth]
-    return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes, dtype=dtype)
+    return ResNet(stage_sizes=stage_sizes, block_cls=block_cls, num_classes=num_classes, dtype=dtype,
+                  kernel_grad=kernel_grad)

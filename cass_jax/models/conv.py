@@ -1,0 +1,108 @@
+"""A convolution for flax.linen.Conv whose kernel gradient is computed as matrix products (fast on XLA:CPU).
+
+XLA:CPU computes a convolution's kernel gradient with Eigen's generic spatial convolution, which is slow for
+a ResNet's shapes: 6-16x slower for 1x1 convs than the same sum written as one matrix product, and up to 4x
+for the 7x7 stem (BENCHMARKS.md). `matmul_grad_conv` is a drop-in for `lax.conv_general_dilated` as
+`nn.Conv(conv_general_dilated=...)` calls it: the forward values and the input gradient are XLA's own; only
+the kernel gradient is summed differently (same value up to float rounding). Anything other than a plain
+NHWC/HWIO convolution (dilation, groups) falls back to `lax.conv_general_dilated` unchanged.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
+# Below this many input channels (a stem on RGB images) the per-tap products are too thin to be efficient;
+# the kernel gradient is then XLA's, one example at a time, which keeps Eigen's working set in cache.
+THIN_INPUT_CHANNELS = 4
+MAX_CHUNKS = 32
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC_HWIO)
+
+
+def _tap_products(x: jax.Array, grad: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
+                  padding: tuple) -> jax.Array:
+    """sum over (n, h, w) of x[n, s*h + i, s*w + j, c] * grad[n, h, w, d], as one (C, D) product per tap (i, j)."""
+    kh, kw, cin, cout = kernel_shape
+    n, out_h, out_w, _ = grad.shape
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    rows = grad.reshape(-1, cout)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(padded, (0, i, j, 0),
+                               (n, i + strides[0] * (out_h - 1) + 1, j + strides[1] * (out_w - 1) + 1, cin),
+                               (1, strides[0], strides[1], 1)).reshape(-1, cin)
+            # The narrower operand goes first: Eigen's products are fastest with the short side as rows.
+            if cin <= cout:
+                tap = lax.dot_general(window, rows, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            else:
+                tap = lax.dot_general(rows, window, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32).T
+            taps.append(tap)
+    return jnp.stack(taps).reshape(kernel_shape)
+
+
+def _chunked_kernel_grad(x: jax.Array, kernel: jax.Array, grad: jax.Array, strides: tuple[int, int],
+                         padding: tuple) -> jax.Array:
+    """XLA's kernel gradient summed over single examples (at most MAX_CHUNKS pieces), unrolled."""
+    n = x.shape[0]
+    size = -(-n // MAX_CHUNKS)
+    total = jnp.zeros(kernel.shape, jnp.float32)
+    for start in range(0, n, size):
+        _, pullback = jax.vjp(lambda k, xs=x[start:start + size]: _conv(xs, k, strides, padding), kernel)
+        total = total + pullback(grad[start:start + size])[0].astype(jnp.float32)
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_grad_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> jax.Array:
+    return _conv(x, kernel, strides, padding)
+
+
+def _forward(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _backward(strides, padding, residuals, grad):
+    x, kernel = residuals
+    _, pullback = jax.vjp(lambda inputs: _conv(inputs, kernel, strides, padding), x)
+    (grad_x,) = pullback(grad)
+    if kernel.shape[2] <= THIN_INPUT_CHANNELS and kernel.shape[0] * kernel.shape[1] > 1:
+        grad_kernel = _chunked_kernel_grad(x, kernel, grad, strides, padding)
+    else:
+        grad_kernel = _tap_products(x, grad, kernel.shape, strides, padding)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+_matmul_grad_conv.defvjp(_forward, _backward)
+
+
+def _explicit_padding(padding: Any, kernel_shape: Sequence[int]) -> tuple | None:
+    if isinstance(padding, str):
+        return ((0, 0), (0, 0)) if padding.upper() == "VALID" else None
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def matmul_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                     dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                     precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """`lax.conv_general_dilated` with the same forward pass and a matrix-product kernel gradient."""
+    plain = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
+             and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)
+             and preferred_element_type is None and precision is None)
+    explicit = _explicit_padding(padding, rhs.shape) if plain else None
+    if explicit is None:
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, batch_group_count, precision,
+                                        preferred_element_type)
+    return _matmul_grad_conv(lhs, rhs, tuple(int(s) for s in window_strides), explicit)

@@ -1,0 +1,90 @@
+"""The CPU speed-ups keep the maths: matrix-product conv kernel gradients and the exact GELU's custom gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax import lax
+
+from cass_jax.models import create_model, init_variables
+from cass_jax.models.conv import NHWC_HWIO, matmul_grad_conv
+from cass_jax.models.resnet import conv_function
+from cass_jax.models.vit import exact_gelu
+
+
+def conv_loss(conv, strides, padding):
+    # A nonlinear loss so the output gradient differs at every position.
+    return lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, strides, padding, dimension_numbers=NHWC_HWIO)))
+
+
+@pytest.mark.parametrize("kernel_size, cin, cout, stride, padding", [
+    (1, 24, 40, 1, "VALID"),        # 1x1, wider output
+    (1, 40, 24, 2, "VALID"),        # strided 1x1 downsample, narrower output
+    (3, 16, 16, 1, ((1, 1), (1, 1))),
+    (3, 16, 32, 2, ((1, 1), (1, 1))),
+    (7, 3, 16, 2, ((3, 3), (3, 3))),  # RGB stem: the per-example path
+])
+def test_matmul_kernel_gradient_equals_xla(kernel_size, cin, cout, stride, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 20, 20, cin)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, cin, cout)) * 0.1, jnp.float32)
+    strides = (stride, stride)
+    expected = jax.grad(conv_loss(lax.conv_general_dilated, strides, padding), argnums=(0, 1))(x, kernel)
+    value = jax.jit(conv_loss(matmul_grad_conv, strides, padding))(x, kernel)
+    got = jax.jit(jax.grad(conv_loss(matmul_grad_conv, strides, padding), argnums=(0, 1)))(x, kernel)
+    np.testing.assert_allclose(value, conv_loss(lax.conv_general_dilated, strides, padding)(x, kernel), rtol=1e-6)
+    np.testing.assert_array_equal(got[0], expected[0])  # the input gradient is XLA's own
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-4 * float(jnp.abs(expected[1]).max()))
+
+
+def test_matmul_grad_conv_bfloat16_gradient_keeps_kernel_dtype():
+    x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
+    kernel = jnp.full((3, 3, 4, 8), 0.1, jnp.bfloat16)
+    grad = jax.grad(lambda k: jnp.sum(matmul_grad_conv(x, k, (1, 1), ((1, 1), (1, 1)),
+                                                       dimension_numbers=NHWC_HWIO).astype(jnp.float32)))(kernel)
+    assert grad.dtype == jnp.bfloat16
+    # Interior taps see all 8x8 positions of the 2 images (one per output), border taps 7x8.
+    assert float(grad[1, 1, 0, 0]) == 128.0 and float(grad[0, 1, 0, 0]) == 112.0
+
+
+def test_unsupported_convolutions_fall_back_to_lax():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 9, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 2, 4)), jnp.float32)
+    kwargs = {"rhs_dilation": (2, 2), "dimension_numbers": NHWC_HWIO, "feature_group_count": 2}
+    np.testing.assert_array_equal(matmul_grad_conv(x, kernel, (1, 1), "SAME", **kwargs),
+                                  lax.conv_general_dilated(x, kernel, (1, 1), "SAME", **kwargs))
+
+
+def test_kernel_grad_choices():
+    assert conv_function("matmul") is matmul_grad_conv
+    assert conv_function("xla") is None
+    assert conv_function("auto") is (matmul_grad_conv if jax.default_backend() == "cpu" else None)
+    with pytest.raises(ValueError, match="kernel_grad='eigen'.*auto"):
+        conv_function("eigen")
+
+
+def test_resnet_gradients_match_between_kernel_grad_choices():
+    images = jnp.asarray(np.random.default_rng(3).normal(size=(2, 128, 128, 3)), jnp.float32)
+    grads = {}
+    for choice in ("xla", "matmul"):
+        model = create_model("resnet_tiny", num_classes=10, kernel_grad=choice)
+        variables = init_variables(model, jax.random.key(0), 128)
+
+        def loss(params, model=model, variables=variables):
+            logits, _ = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(logits))
+
+        grads[choice] = jax.jit(jax.grad(loss))(variables["params"])
+    for path, expected in jax.tree_util.tree_leaves_with_path(grads["xla"]):
+        got = dict(jax.tree_util.tree_leaves_with_path(grads["matmul"]))[path]
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-4 * float(jnp.abs(expected).max()) + 1e-8,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_exact_gelu_values_and_gradient_match_autodiff():
+    x = jnp.linspace(-6.0, 6.0, 1001)
+    # Same formula as torch.nn.GELU(); jax's erfc form only differs where both are within 1e-6 of 0.
+    np.testing.assert_allclose(exact_gelu(x), nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+    expected = jax.vmap(jax.grad(lambda v: nn.gelu(v, approximate=False)))(x)
+    np.testing.assert_allclose(jax.vmap(jax.grad(exact_gelu))(x), expected, rtol=1e-5, atol=1e-6)
