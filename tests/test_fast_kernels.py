@@ -18,16 +18,17 @@ def conv_loss(conv, strides, padding):
     return lambda x, kernel: jnp.sum(jnp.sin(conv(x, kernel, strides, padding, dimension_numbers=NHWC_HWIO)))
 
 
-@pytest.mark.parametrize("kernel_size, cin, cout, stride, padding", [
-    (1, 24, 40, 1, "VALID"),        # 1x1, wider output
-    (1, 40, 24, 2, "VALID"),        # strided 1x1 downsample, narrower output
-    (3, 16, 16, 1, ((1, 1), (1, 1))),
-    (3, 16, 32, 2, ((1, 1), (1, 1))),
-    (7, 3, 16, 2, ((3, 3), (3, 3))),  # RGB stem: the per-example path
+@pytest.mark.parametrize("size, kernel_size, cin, cout, stride, padding", [
+    (20, 1, 24, 40, 1, "VALID"),        # 1x1, wider output: one product
+    (20, 1, 40, 24, 2, "VALID"),        # strided 1x1 downsample, narrower output
+    (20, 3, 16, 16, 1, ((1, 1), (1, 1))),  # small map: per-tap products
+    (20, 3, 16, 32, 2, ((1, 1), (1, 1))),
+    (30, 3, 8, 8, 1, ((1, 1), (1, 1))),    # large map (>= 28x28 outputs): XLA's, chunked over the batch
+    (20, 7, 3, 16, 2, ((3, 3), (3, 3))),   # RGB stem: chunked
 ])
-def test_matmul_kernel_gradient_equals_xla(kernel_size, cin, cout, stride, padding):
+def test_matmul_kernel_gradient_equals_xla(size, kernel_size, cin, cout, stride, padding):
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, 20, 20, cin)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(3, size, size, cin)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(kernel_size, kernel_size, cin, cout)) * 0.1, jnp.float32)
     strides = (stride, stride)
     expected = jax.grad(conv_loss(lax.conv_general_dilated, strides, padding), argnums=(0, 1))(x, kernel)

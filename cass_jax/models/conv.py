@@ -17,9 +17,13 @@ import jax.numpy as jnp
 from jax import lax
 
 NHWC_HWIO = ("NHWC", "HWIO", "NHWC")
-# Below this many input channels (a stem on RGB images) the per-tap products are too thin to be efficient;
-# the kernel gradient is then XLA's, one example at a time, which keeps Eigen's working set in cache.
+# For a stem on RGB images (few input channels) the per-tap products are too thin to be efficient, and on
+# large feature maps copying each tap's window costs as much as its product. There the kernel gradient is XLA's,
+# over chunks of about CHUNK_POSITIONS output positions (one example at 56x56), which keeps Eigen's working set
+# in cache: 2-4x faster than over the whole batch at once.
 THIN_INPUT_CHANNELS = 4
+LARGE_MAP_POSITIONS = 28 * 28
+CHUNK_POSITIONS = 1568
 MAX_CHUNKS = 32
 
 
@@ -51,9 +55,9 @@ def _tap_products(x: jax.Array, grad: jax.Array, kernel_shape: Sequence[int], st
 
 def _chunked_kernel_grad(x: jax.Array, kernel: jax.Array, grad: jax.Array, strides: tuple[int, int],
                          padding: tuple) -> jax.Array:
-    """XLA's kernel gradient summed over single examples (at most MAX_CHUNKS pieces), unrolled."""
-    n = x.shape[0]
-    size = -(-n // MAX_CHUNKS)
+    """XLA's kernel gradient summed over chunks of the batch (at most MAX_CHUNKS pieces, unrolled)."""
+    n, out_h, out_w, _ = grad.shape
+    size = max(-(-n // MAX_CHUNKS), CHUNK_POSITIONS // (out_h * out_w), 1)
     total = jnp.zeros(kernel.shape, jnp.float32)
     for start in range(0, n, size):
         _, pullback = jax.vjp(lambda k, xs=x[start:start + size]: _conv(xs, k, strides, padding), kernel)
@@ -74,7 +78,9 @@ def _backward(strides, padding, residuals, grad):
     x, kernel = residuals
     _, pullback = jax.vjp(lambda inputs: _conv(inputs, kernel, strides, padding), x)
     (grad_x,) = pullback(grad)
-    if kernel.shape[2] <= THIN_INPUT_CHANNELS and kernel.shape[0] * kernel.shape[1] > 1:
+    spatial_kernel = kernel.shape[0] * kernel.shape[1] > 1
+    thin = kernel.shape[2] <= THIN_INPUT_CHANNELS
+    if spatial_kernel and (thin or grad.shape[1] * grad.shape[2] >= LARGE_MAP_POSITIONS):
         grad_kernel = _chunked_kernel_grad(x, kernel, grad, strides, padding)
     else:
         grad_kernel = _tap_products(x, grad, kernel.shape, strides, padding)
