@@ -30,6 +30,7 @@ def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str, ker
     import numpy as np
 
     sys.path.insert(0, str(REPO))
+    from cass_jax import parallel
     from cass_jax.pretrain import build_arms, initial_state, train_step
     from configs.common import base_config
 
@@ -42,9 +43,12 @@ def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str, ker
     config.optim.schedule = "constant"
     config.optim.cnn_lr = config.optim.vit_lr = 1e-4
     arms = build_arms(config, total_steps=1000, steps_per_epoch=100)
-    state = initial_state(config, arms)
-    step = jax.jit(functools.partial(train_step, arms=arms), donate_argnums=0)
-    batch_data = {"image": jax.device_put(np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32))}
+    mesh = parallel.data_mesh()  # the same data-parallel layout as pretrain(): batch split over the devices
+    state = jax.device_put(initial_state(config, arms), parallel.replicated(mesh))
+    step = jax.jit(functools.partial(train_step, arms=arms), in_shardings=(parallel.replicated(mesh),
+                   parallel.batch_sharding(mesh)), donate_argnums=0)
+    images = np.random.default_rng(0).normal(size=(batch, size, size, 3)).astype(np.float32)
+    batch_data = {"image": jax.device_put(images, parallel.batch_sharding(mesh))}
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch_data).compile()
@@ -59,7 +63,8 @@ def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str, ker
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
-    return dict(framework="jax", jax=jax.__version__, device=str(jax.devices()[0]), dtype=dtype, variant=variant,
+    return dict(framework="jax", jax=jax.__version__, device=str(jax.devices()[0]), devices=jax.device_count(),
+                dtype=dtype, variant=variant,
                 kernel_grad=kernel_grad, xla_flags=os.environ.get("XLA_FLAGS", ""),
                 batch=batch, size=size, compile_s=round(compile_s, 1), step_times_s=[round(t, 4) for t in times],
                 median_step_s=round(median, 4), img_per_s=round(batch / median, 3),
