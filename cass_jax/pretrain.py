@@ -312,7 +312,7 @@ def export_arms(config: ml_collections.ConfigDict, workdir: Path, arms: Arms, st
         if config.swa.enabled and int(state.swa_count) > 0:
             averaged = {"params": state.swa_params[arm]}
             if arm == "cnn":
-                averaged["batch_stats"] = _batch_stats_for(model, config, state.swa_params["cnn"],
+                averaged["batch_stats"] = measure_batch_stats(model, config, state.swa_params["cnn"],
                                                            state.batch_stats["cnn"], train_source,
                                                            steps_per_epoch)
             if jax.process_index() == 0:
@@ -341,7 +341,9 @@ def read_exports(workdir: str | Path) -> dict | None:
     return resolve_exports(json.loads(path.read_text()), path.parent) if path.is_file() else None
 
 
-def _batch_stats_for(model, config, params, batch_stats, train_source, steps_per_epoch) -> Any:
+def measure_batch_stats(model: flax.linen.Module, config: ml_collections.ConfigDict, params: Any, batch_stats: Any,
+                        train_source: Any, steps_per_epoch: int) -> Any:
+    """BatchNorm statistics of `params` measured over one un-augmented epoch (recompute_batch_stats)."""
     def apply_train(p, stats, images):
         _, updates = model.apply({"params": p, "batch_stats": stats}, images, train=True, mutable=["batch_stats"])
         return updates["batch_stats"]

@@ -9,13 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
+import ml_collections
 import tensorflow as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cass_jax import data as data_lib  # noqa: E402
-from cass_jax.pretrain import pretrain  # noqa: E402
-from configs.common import base_config  # noqa: E402
+from cass_jax import data as data_lib
+from cass_jax.pretrain import pretrain
+from configs.common import base_config
 
 VARIANTS = {
     "paper (cosine only)": {},
@@ -25,6 +25,22 @@ VARIANTS = {
 }
 INDICATORS = ("loss/cosine", "collapse/cnn_std", "collapse/vit_std", "collapse/cnn_pairwise_cosine",
               "collapse/vit_pairwise_cosine")
+
+
+def pretrain_config(args: argparse.Namespace, weights: dict) -> ml_collections.ConfigDict:
+    """One variant's pretraining: random arms, constant lr, one log line per epoch, stabiliser `weights`."""
+    config = base_config()
+    config.data.source, config.data.path, config.data.image_size = "folder", args.data, args.image_size
+    config.cnn.name, config.cnn.init = args.cnn, "random"
+    config.vit.name, config.vit.init = args.vit, "random"
+    config.num_epochs, config.optim.schedule = args.epochs, "constant"
+    config.optim.cnn_lr = config.optim.vit_lr = args.lr
+    config.checkpoint_every_steps = 10**9
+    config.log_every_steps = data_lib.steps_per_epoch(
+        len(data_lib.load_splits(config.data).train_full), config.batch_size)
+    for key, value in weights.items():
+        config.loss[key] = value
+    return config
 
 
 def epoch_scalars(logdir: Path) -> dict[str, list[float]]:
@@ -51,19 +67,8 @@ def main() -> None:
 
     rows = []
     for name, weights in VARIANTS.items():
-        config = base_config()
-        config.data.source, config.data.path, config.data.image_size = "folder", args.data, args.image_size
-        config.cnn.name, config.cnn.init = args.cnn, "random"
-        config.vit.name, config.vit.init = args.vit, "random"
-        config.num_epochs, config.optim.schedule = args.epochs, "constant"
-        config.optim.cnn_lr = config.optim.vit_lr = args.lr
-        config.checkpoint_every_steps = 10**9
-        config.log_every_steps = data_lib.steps_per_epoch(
-            len(data_lib.load_splits(config.data).train_full), config.batch_size)
-        for key, value in weights.items():
-            config.loss[key] = value
         workdir = Path(args.out) / f"variant{len(rows)}"
-        pretrain(config, workdir)
+        pretrain(pretrain_config(args, weights), workdir)
         series = epoch_scalars(workdir)
         rows.append((name, series))
 

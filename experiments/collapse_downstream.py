@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collapse_comparison import VARIANTS
+from collapse_comparison import VARIANTS, pretrain_config
 
 from cass_jax import data as data_lib
 from cass_jax import finetune
@@ -42,35 +42,18 @@ from cass_jax import metrics as metrics_lib
 from cass_jax.models import create_model
 from cass_jax.port import load_variables, save_variables
 from cass_jax.pretrain import (
-    _batch_stats_for,
     build_arms,
     initial_state,
+    measure_batch_stats,
     pretrain,
     read_exports,
 )
-from configs.common import base_config
 
 ARMS = ("cnn", "vit")
 SPLITS = ("train_full", "val", "test")
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 RANDOM_BN = {"random_bn_init": "random init, BN statistics as initialised (mean 0, var 1)",
              "random_bn_recomputed": "random init, BN statistics re-measured on the training images"}
-
-
-def pretrain_config(args: argparse.Namespace, variant: dict) -> ml_collections.ConfigDict:
-    """The pretraining config of collapse_comparison.py for one variant (same data, seed, schedule, arms)."""
-    config = base_config()
-    config.data.source, config.data.path, config.data.image_size = "folder", args.data, args.image_size
-    config.cnn.name, config.cnn.init = args.cnn, "random"
-    config.vit.name, config.vit.init = args.vit, "random"
-    config.num_epochs, config.optim.schedule = args.epochs, "constant"
-    config.optim.cnn_lr = config.optim.vit_lr = args.lr
-    config.checkpoint_every_steps = 10**9
-    config.log_every_steps = data_lib.steps_per_epoch(
-        len(data_lib.load_splits(config.data).train_full), config.batch_size)
-    for key, value in variant.items():
-        config.loss[key] = value
-    return config
 
 
 def variant_dirs(args: argparse.Namespace) -> dict[str, Path]:
@@ -96,7 +79,7 @@ def random_init_variables(args: argparse.Namespace, splits: data_lib.DatasetSpli
     steps = data_lib.steps_per_epoch(len(splits.train_full), config.batch_size)
     arms = build_arms(config, steps, steps)
     state = jax.device_get(initial_state(config, arms))
-    recomputed = _batch_stats_for(arms.cnn, config, state.params["cnn"], state.batch_stats["cnn"],
+    recomputed = measure_batch_stats(arms.cnn, config, state.params["cnn"], state.batch_stats["cnn"],
                                   splits.train_full, steps)
     return {
         "random_bn_init": {"cnn": {"params": state.params["cnn"], "batch_stats": state.batch_stats["cnn"]},
