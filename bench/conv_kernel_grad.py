@@ -8,14 +8,17 @@ largest relative difference. Threads follow XLA_FLAGS (e.g. --xla_cpu_multi_thre
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from cass_jax.models.conv import NHWC_HWIO, matmul_grad_conv
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cass_jax.models.conv import NHWC_HWIO, matmul_grad_conv  # noqa: E402
 
 # (input size, in channels, out channels, kernel, stride, padding): ResNet-18/50 layers at 224 px.
 LAYERS = [

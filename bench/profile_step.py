@@ -1,0 +1,98 @@
+"""Where one CASS training step spends its time on XLA:CPU: a jax.profiler trace, summed by HLO op shape.
+
+python bench/profile_step.py [--setting small:16:224] [--kernel-grad auto] [--top 30] [--trace-dir DIR]
+Runs `bench/cass_step.py`'s step (same arms, batch and size) once to compile, traces one more step, and prints
+the ops (XLA:CPU emits one trace event per thunk) grouped by what they compute: the op kind, the fused ops
+inside, the output shape and, for products and convolutions, their dimensions. Reading the trace needs
+tensorflow (requirements-dev.txt) for the XSpace protobuf. Run it on one core (`taskset -c 0`, with
+XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") for the steadiest numbers.
+"""
+
+import argparse
+import collections
+import functools
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cass_jax.pretrain import build_arms, initial_state, train_step
+from configs.common import base_config
+
+ARMS = {"big": ("resnet50", "vit_base_patch16_224"), "small": ("resnet18", "vit_tiny_patch16_224")}
+INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
+
+
+def hlo_signatures(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> a description that is the same for every op computing the same thing."""
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            current = computations.setdefault(header.group(1), [])
+        elif current is not None and INSTRUCTION.match(line):
+            current.append(line)
+    signatures = {}
+    for lines in computations.values():
+        for line in lines:
+            name, shape, opcode, rest = INSTRUCTION.match(line).groups()
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            inner = computations.get(called.group(1), []) if called else [line]
+            kinds = sorted({INSTRUCTION.match(i).group(3) for i in inner} - {
+                "parameter", "constant", "bitcast", "broadcast", "reshape"})
+            products = [re.sub(r"%[\w.\-]+", "", i.split(" = ", 1)[1].split(" ", 1)[1]).split(", metadata")[0]
+                        for i in inner if " dot(" in i or " convolution(" in i]
+            signatures[name] = f"{opcode}[{' '.join(kinds)}] -> {shape} {' '.join(products)}"[:200]
+    return signatures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="small:16:224", help="big|small:BATCH:SIZE")
+    parser.add_argument("--kernel-grad", default="auto")
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--trace-dir", default="", help="keep the trace here (default: a temporary folder)")
+    args = parser.parse_args()
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    variant, batch, size = args.setting.split(":")
+    config = base_config()
+    config.cnn.name, config.vit.name = ARMS[variant]
+    config.cnn.init = config.vit.init = "random"
+    config.cnn.kernel_grad = args.kernel_grad
+    config.data.image_size, config.optim.schedule = int(size), "constant"
+    arms = build_arms(config, total_steps=1000, steps_per_epoch=100)
+    state = initial_state(config, arms)
+    step = jax.jit(functools.partial(train_step, arms=arms))
+    images = {"image": np.random.default_rng(0).normal(size=(int(batch), int(size), int(size), 3)).astype(np.float32)}
+    compiled = step.lower(state, images).compile()
+    jax.block_until_ready(compiled(state, images))
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="cass_profile_")
+    with jax.profiler.trace(trace_dir):
+        jax.block_until_ready(compiled(state, images))
+
+    signatures = hlo_signatures(compiled.as_text())
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(next(Path(trace_dir).rglob("*.xplane.pb")).read_bytes())
+    total_ms, count = collections.Counter(), collections.Counter()
+    for plane in space.planes:
+        names = {key: meta.name for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                if name in signatures:
+                    total_ms[signatures[name]] += event.duration_ps / 1e9
+                    count[signatures[name]] += 1
+    step_ms = sum(total_ms.values())
+    print(f"{args.setting} kernel_grad={args.kernel_grad}: {step_ms:.0f} ms in {sum(count.values())} ops")
+    for signature, ms in total_ms.most_common(args.top):
+        print(f"{ms:8.1f} ms {100 * ms / step_ms:5.1f}% x{count[signature]:<4d} {signature}")
+
+
+if __name__ == "__main__":
+    main()
