@@ -2,10 +2,11 @@
 
 XLA:CPU computes a convolution's kernel gradient with Eigen's generic spatial convolution, which is slow for
 a ResNet's shapes: 5-27x slower for 1x1 convs than the same sum written as one matrix product, and 1.3-6.5x
-for 3x3 convs and the 7x7 stem against the paths below (bench/conv_kernel_grad.py, BENCHMARKS.md). `matmul_grad_conv` is a drop-in for `lax.conv_general_dilated` as
-`nn.Conv(conv_general_dilated=...)` calls it: the forward values and the input gradient are XLA's own; only
-the kernel gradient is summed differently (same value up to float rounding). Anything other than a plain
-NHWC/HWIO convolution (dilation, groups) falls back to `lax.conv_general_dilated` unchanged.
+for 3x3 convs and the 7x7 stem against the paths below (bench/conv_kernel_grad.py, BENCHMARKS.md).
+`matmul_grad_conv` is a drop-in for `lax.conv_general_dilated` as `nn.Conv(conv_general_dilated=...)` calls it:
+the forward values and the input gradient are XLA's own; only the kernel gradient is summed differently (same
+value up to float rounding). Anything other than a plain NHWC/HWIO convolution (dilation, groups) falls back to
+`lax.conv_general_dilated` unchanged.
 """
 
 import functools
