@@ -64,7 +64,7 @@ def main() -> None:
     config = base_config()
     config.cnn.name, config.vit.name = ARMS[variant]
     config.cnn.init = config.vit.init = "random"
-    config.cnn.kernel_grad = args.kernel_grad
+    config.cnn.kernel_grad = config.vit.kernel_grad = args.kernel_grad
     config.data.image_size, config.optim.schedule = int(size), "constant"
     arms = build_arms(config, total_steps=1000, steps_per_epoch=100)
     state = initial_state(config, arms)

@@ -1,4 +1,4 @@
-"""The CPU speed-ups keep the maths: matrix-product conv kernel gradients and the exact GELU's custom gradient."""
+"""The CPU speed-ups keep the maths: matrix-product conv and Dense kernel gradients, the exact GELU's gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,8 @@ from jax import lax
 
 from cass_jax.models import create_model, init_variables
 from cass_jax.models.conv import NHWC_HWIO, matmul_grad_conv
-from cass_jax.models.resnet import conv_function
+from cass_jax.models.dense import transposed_grad_dot_general, transposed_lhs_product
+from cass_jax.models.kernel_grad import conv_function, dense_function
 from cass_jax.models.vit import exact_gelu
 
 
@@ -61,8 +62,65 @@ def test_kernel_grad_choices():
     assert conv_function("matmul") is matmul_grad_conv
     assert conv_function("xla") is None
     assert conv_function("auto") is (matmul_grad_conv if jax.default_backend() == "cpu" else None)
+    assert dense_function("matmul") is transposed_grad_dot_general
+    assert dense_function("xla") is None
     with pytest.raises(ValueError, match="kernel_grad='eigen'.*auto"):
         conv_function("eigen")
+    with pytest.raises(ValueError, match="kernel_grad='fast'"):
+        dense_function("fast")
+
+
+@pytest.mark.parametrize("k, n", [(6, 24), (24, 6)])  # transposes the input, or the output gradient
+def test_transposed_lhs_product(k, n):
+    rng = np.random.default_rng(4)
+    a, b = (jnp.asarray(rng.normal(size=(50, width)), jnp.float32) for width in (k, n))
+    np.testing.assert_allclose(jax.jit(transposed_lhs_product)(a, b), np.asarray(a).T @ np.asarray(b),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_kernel_gradient_equals_xla(dtype):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 7, 12)), dtype)
+    params = {"w1": jnp.asarray(rng.normal(size=(12, 40)) * 0.3, dtype),   # widening, like fc1
+              "w2": jnp.asarray(rng.normal(size=(40, 12)) * 0.3, dtype)}   # narrowing, like fc2
+
+    def loss(dot_general):
+        def value(params, x):
+            hidden = jnp.tanh(dot_general(x, params["w1"], (((2,), (0,)), ((), ()))))
+            out = dot_general(hidden, params["w2"], (((2,), (0,)), ((), ())))
+            return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+        return value
+
+    expected = jax.grad(loss(lax.dot_general), argnums=(0, 1))(params, x)
+    got = jax.jit(jax.grad(loss(transposed_grad_dot_general), argnums=(0, 1)))(params, x)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for want, have in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        assert have.dtype == want.dtype == dtype
+        np.testing.assert_allclose(np.asarray(have, np.float32), np.asarray(want, np.float32), rtol=tolerance,
+                                   atol=tolerance * float(jnp.abs(want.astype(jnp.float32)).max()))
+
+
+def test_dense_function_falls_back_for_other_contractions():
+    rng = np.random.default_rng(6)
+    lhs, rhs = jnp.asarray(rng.normal(size=(3, 4, 5)), jnp.float32), jnp.asarray(rng.normal(size=(3, 5, 2)))
+    numbers = (((2,), (1,)), ((0,), (0,)))  # a batched product: not Dense's form
+    np.testing.assert_array_equal(transposed_grad_dot_general(lhs, rhs, numbers), lax.dot_general(lhs, rhs, numbers))
+
+
+def test_vit_gradients_match_between_kernel_grad_choices():
+    images = jnp.asarray(np.random.default_rng(7).normal(size=(2, 32, 32, 3)), jnp.float32)
+    grads = {}
+    for choice in ("xla", "matmul"):
+        model = create_model("vit_micro_patch16", num_classes=10, img_size=32, kernel_grad=choice)
+        variables = init_variables(model, jax.random.key(0), 32)
+        grads[choice] = jax.jit(jax.grad(
+            lambda params, model=model: jnp.sum(jnp.sin(model.apply({"params": params}, images)))))(
+            variables["params"])
+    for path, expected in jax.tree_util.tree_leaves_with_path(grads["xla"]):
+        got = dict(jax.tree_util.tree_leaves_with_path(grads["matmul"]))[path]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()) + 1e-8,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_resnet_gradients_match_between_kernel_grad_choices():

@@ -6,13 +6,13 @@ feature map by one pixel relative to the PyTorch weights. Input is NHWC.
 """
 
 import functools
-from typing import Any, Callable, Sequence, Type
+from typing import Any, Sequence, Type
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cass_jax.models.conv import matmul_grad_conv
+from cass_jax.models.kernel_grad import conv_function
 
 # kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm and torchvision initialise convs.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -79,22 +79,6 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
         for j in range(3)
     ]
     return functools.reduce(jnp.maximum, windows)
-
-
-KERNEL_GRADS = ("auto", "xla", "matmul")
-
-
-def conv_function(kernel_grad: str) -> Callable | None:
-    """The convolution nn.Conv should call: XLA's (None) or `matmul_grad_conv`.
-
-    "auto" picks the matrix-product kernel gradient on the CPU backend, where XLA's is slow, and XLA's
-    own elsewhere (GPU convolution libraries compute kernel gradients well).
-    """
-    if kernel_grad not in KERNEL_GRADS:
-        raise ValueError(f"kernel_grad={kernel_grad!r}; choose one of {KERNEL_GRADS}.")
-    if kernel_grad == "auto":
-        kernel_grad = "matmul" if jax.default_backend() == "cpu" else "xla"
-    return matmul_grad_conv if kernel_grad == "matmul" else None
 
 
 def conv3x3(features: int, stride: int, dtype: Any, name: str, kernel_grad: str = "auto") -> nn.Conv:
@@ -182,7 +166,7 @@ class ResNet(nn.Module):
     stem_width: int = 64
     num_classes: int = 1000
     dtype: Any = jnp.float32
-    # How convolution kernel gradients are computed (conv_function): "auto", "xla" or "matmul".
+    # How convolution kernel gradients are computed (models.kernel_grad): "auto", "xla" or "matmul".
     kernel_grad: str = "auto"
 
     @property
