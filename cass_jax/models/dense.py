@@ -4,7 +4,8 @@ A Dense layer's kernel gradient is x^T g, a product that contracts the first axi
 runs that form at about half the speed of a plain product (ViT-B's fc1, 788 tokens, one core: 84 ms at
 44 GFLOP/s against 43 ms when x^T is first written out as its own array; BENCHMARKS.md), and XLA folds an
 ordinary transpose back into the product. `transposed_grad_dot_general` writes x^T out behind an
-`optimization_barrier`, which XLA cannot fold, and leaves the forward pass and the input gradient as XLA's own.
+`optimization_barrier`, which XLA cannot fold, for layers no wider in than out (ViT's qkv, proj, fc1, head; see
+`transposed_lhs_product` for fc2), and leaves the forward pass and the input gradient as XLA's own.
 Use it as `nn.Dense(..., dot_general=transposed_grad_dot_general)`: parameters are unchanged, values equal
 lax.dot_general's up to float rounding. Anything but Dense's plain contraction falls back to lax.dot_general.
 """
