@@ -89,7 +89,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or gpu (the reference then runs with --device cuda)")
     parser.add_argument("--reference", default=str(REPO.parent / "shared" / "reference" / "torch_cass_step.py"))
     parser.add_argument("--amp", action="store_true", help="reference in bf16 autocast (pair with --dtype bfloat16)")
-    parser.add_argument("--kernel-grad", default="auto", help="config.cnn.kernel_grad and config.vit.kernel_grad: auto, xla or matmul")
+    parser.add_argument("--kernel-grad", default="auto",
+                        help="config.cnn.kernel_grad and config.vit.kernel_grad: auto, xla or matmul")
     parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for our step (e.g. to try an XLA option)")
     parser.add_argument("--skip-reference", action="store_true", help="time our step only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

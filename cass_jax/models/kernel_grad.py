@@ -16,6 +16,7 @@ KERNEL_GRADS = ("auto", "xla", "matmul")
 
 
 def uses_matmul_kernel_grad(kernel_grad: str) -> bool:
+    """Whether `kernel_grad` selects the matrix-product kernel gradients on the current backend."""
     if kernel_grad not in KERNEL_GRADS:
         raise ValueError(f"kernel_grad={kernel_grad!r}; choose one of {KERNEL_GRADS}.")
     return kernel_grad == "matmul" or (kernel_grad == "auto" and jax.default_backend() == "cpu")
