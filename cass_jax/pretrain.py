@@ -313,8 +313,8 @@ def export_arms(config: ml_collections.ConfigDict, workdir: Path, arms: Arms, st
             averaged = {"params": state.swa_params[arm]}
             if arm == "cnn":
                 averaged["batch_stats"] = measure_batch_stats(model, config, state.swa_params["cnn"],
-                                                           state.batch_stats["cnn"], train_source,
-                                                           steps_per_epoch)
+                                                              state.batch_stats["cnn"], train_source,
+                                                              steps_per_epoch)
             if jax.process_index() == 0:
                 save_variables(export_dir / f"{arm}_swa.msgpack", averaged)
             description[arm]["swa"] = f"{arm}_swa.msgpack"
