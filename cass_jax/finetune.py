@@ -341,7 +341,8 @@ def _existing_file(path: str, what: str) -> str:
 
 
 def build_model(model_name: str, num_classes: int, config: ml_collections.ConfigDict) -> nn.Module:
-    kwargs = ({"img_size": config.data.image_size, "kernel_grad": config.vit.kernel_grad}
+    kwargs = ({"img_size": config.data.image_size, "kernel_grad": config.vit.kernel_grad,
+               "last_block_class_token_only": config.vit.last_block_class_token_only}
               if model_name.startswith("vit") else {"kernel_grad": config.cnn.kernel_grad})
     return create_model(model_name, num_classes=num_classes, dtype=jnp.dtype(config.dtype), **kwargs)
 

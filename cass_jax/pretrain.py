@@ -108,7 +108,8 @@ def build_arms(config: ml_collections.ConfigDict, total_steps: int, steps_per_ep
     cnn = create_model(config.cnn.name, num_classes=config.cnn.num_classes, dtype=dtype,
                        kernel_grad=config.cnn.kernel_grad)
     vit = create_model(config.vit.name, num_classes=config.vit.num_classes, dtype=dtype,
-                       img_size=config.data.image_size, kernel_grad=config.vit.kernel_grad)
+                       img_size=config.data.image_size, kernel_grad=config.vit.kernel_grad,
+                       last_block_class_token_only=config.vit.last_block_class_token_only)
     if cnn.num_classes != vit.num_classes:
         raise ValueError(f"config.cnn.num_classes={config.cnn.num_classes} and config.vit.num_classes="
                          f"{config.vit.num_classes} differ: CASS compares the two arms' outputs, so make them equal.")

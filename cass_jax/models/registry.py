@@ -21,20 +21,22 @@ def _resnet_tiny(num_classes: int, dtype: Any, kernel_grad: str = "auto") -> Res
 
 
 def _vit(width: str, patch_size: int, default_img_size: int) -> Callable[..., VisionTransformer]:
-    def build(num_classes: int, dtype: Any, img_size: int = default_img_size,
-              kernel_grad: str = "auto") -> VisionTransformer:
+    def build(num_classes: int, dtype: Any, img_size: int = default_img_size, kernel_grad: str = "auto",
+              last_block_class_token_only: bool = True) -> VisionTransformer:
         return VisionTransformer(
             img_size=img_size, patch_size=patch_size, num_classes=num_classes, dtype=dtype, kernel_grad=kernel_grad,
-            **VIT_WIDTHS[width],
+            last_block_class_token_only=last_block_class_token_only, **VIT_WIDTHS[width],
         )
 
     return build
 
 
-def _vit_micro(num_classes: int, dtype: Any, img_size: int = 224, kernel_grad: str = "auto") -> VisionTransformer:
+def _vit_micro(num_classes: int, dtype: Any, img_size: int = 224, kernel_grad: str = "auto",
+               last_block_class_token_only: bool = True) -> VisionTransformer:
     return VisionTransformer(
         img_size=img_size, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0,
         num_classes=num_classes, dtype=dtype, kernel_grad=kernel_grad,
+        last_block_class_token_only=last_block_class_token_only,
     )
 
 
@@ -57,8 +59,8 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32, *
     """Builds a model by timm name (`resnet50`, `vit_base_patch16_384`, ...).
 
     `num_classes=0` removes the head (the model returns pooled features). ViTs accept `img_size=` to
-    override the size in the name; both families accept `kernel_grad=` ("auto", "xla" or "matmul", see
-    models.kernel_grad).
+    override the size in the name and `last_block_class_token_only=` (VisionTransformer); both families accept
+    `kernel_grad=` ("auto", "xla" or "matmul", see models.kernel_grad).
     """
     if name not in MODEL_BUILDERS:
         raise ValueError(f"Unknown model name {name!r}; known names: {', '.join(list_models())}.")
