@@ -5,6 +5,7 @@ pretraining or `train_iterator(splits.train, ...)` / `eval_iterator(splits.test,
 """
 
 from cass_jax.data.config import IMAGENET_MEAN, IMAGENET_STD, default_data_config
+from cass_jax.data.dicom import DecodeOptions, decode_dicom, decode_options_from_config, is_dicom
 from cass_jax.data.loader import ensure_absl_flags_parsed, eval_iterator, steps_per_epoch, train_iterator
 from cass_jax.data.sources import (
     DataError,
@@ -18,7 +19,7 @@ from cass_jax.data.sources import (
 )
 from cass_jax.data.splits import DatasetSplits, label_fraction_indices, load_splits
 from cass_jax.data.synthetic import SYNTHETIC_CLASS_NAMES, synthetic_phantom
-from cass_jax.data.transforms import CassAugment, EvalTransform
+from cass_jax.data.transforms import CassAugment, EvalTransform, decode_image
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -26,6 +27,7 @@ __all__ = [
     "CassAugment",
     "DataError",
     "DatasetSplits",
+    "DecodeOptions",
     "EvalTransform",
     "FileImageSource",
     "ImageSource",
@@ -33,10 +35,14 @@ __all__ = [
     "SyntheticSource",
     "TfdsImageSource",
     "csv_source",
+    "decode_dicom",
+    "decode_image",
+    "decode_options_from_config",
     "default_data_config",
     "ensure_absl_flags_parsed",
     "eval_iterator",
     "folder_sources",
+    "is_dicom",
     "label_fraction_indices",
     "load_splits",
     "steps_per_epoch",

@@ -40,7 +40,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.label_fraction_mode = "random"
     # Seed of the labelled subset; None means split_seed. Downstream runs over several seeds override it
     # (or pass load_splits(cfg, label_fraction_seed=...)).
-    c.label_fraction_seed = None
+    c.label_fraction_seed = ml_collections.config_dict.placeholder(int)
     # True for multi-label tasks: labels are float32 multi-hot vectors instead of int class indices.
     c.multi_label = False
     # grain worker processes that decode and augment; 0 runs everything in the calling process.
@@ -76,6 +76,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.image_dir = ""
     # CSV: extension appended to image names that have none (ISIC 2019 lists "ISIC_0000000").
     c.image_extension = ".jpg"
+    # Window of grayscale DICOMs and 16/32-bit or float PNG/TIFF images, as "center,width" in the image's
+    # modality values (e.g. "40,400": CT soft tissue in Hounsfield units; "2048,4096": 12-bit data), applied
+    # with the DICOM LINEAR window and overriding the file's own. Empty: the DICOM file's VOI LUT or window,
+    # else the image's own min..max (16-bit PNG/TIFF: value * 255 / 65535). 8-bit images are never windowed.
+    c.window = ""
+    # Frame read from multi-frame DICOM files (0-based). None: such files are an error naming them.
+    c.dicom_frame = ml_collections.config_dict.placeholder(int)
     # TFDS: directory holding prepared datasets (empty: TFDS's default, ~/tensorflow_datasets).
     c.tfds_data_dir = ""
     # TFDS: feature names of the image and the label.

@@ -17,10 +17,18 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from cass_jax.data.dicom import (
+    DICOM_EXTENSIONS,
+    DecodeOptions,
+    check_dicom,
+    decode_options_from_config,
+    is_dicom_file,
+    looks_like_dicom,
+)
 from cass_jax.data.synthetic import SYNTHETIC_CLASS_NAMES, synthetic_label, synthetic_phantom
 from cass_jax.data.transforms import decode_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff") + DICOM_EXTENSIONS
 TRAIN_FOLDER_NAMES = ("training", "train")
 TEST_FOLDER_NAMES = ("testing", "test")
 VAL_FOLDER_NAMES = ("validation", "val", "valid")
@@ -40,7 +48,10 @@ class ImageSource:
     """A list of labelled examples, addressable by position; subclasses say how to load one image.
 
     `rows` index the full, unsplit table so subsets share the loader and stay cheap to pickle.
+    `decode_options` (window, DICOM frame) reach `decode_image` in every grain worker.
     """
+
+    decode_options: DecodeOptions = DecodeOptions()
 
     def __init__(
         self,
@@ -102,17 +113,33 @@ class ImageSource:
 
 
 class FileImageSource(ImageSource):
-    """Images stored as files (class folders or a CSV table)."""
+    """Images stored as files (class folders or a CSV table): JPEG, PNG, BMP, TIFF or DICOM."""
 
-    def __init__(self, paths: Sequence[str], labels, ids, class_names, multi_label, rows=None):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels,
+        ids,
+        class_names,
+        multi_label,
+        rows=None,
+        decode_options: DecodeOptions = DecodeOptions(),
+    ):
         super().__init__(labels, ids, class_names, multi_label, rows)
         self.paths = np.asarray([str(p) for p in paths], dtype=object)
+        self.decode_options = decode_options
 
     def encoded_bytes(self, row: int) -> bytes:
         return Path(self.paths[row]).read_bytes()
 
     def load_image(self, row: int) -> np.ndarray:
-        return decode_image(self.encoded_bytes(row), str(self.paths[row]))
+        """The decoded image; a missing or undecodable file is a ValueError naming it."""
+        path = str(self.paths[row])
+        try:
+            data = self.encoded_bytes(row)
+        except OSError as error:
+            raise DataError(f"Cannot read image {path}: {error}. Restore the file or remove its row.") from error
+        return decode_image(data, path, self.decode_options)
 
     def describe(self, row: int) -> str:
         return str(self.paths[row])
@@ -124,16 +151,27 @@ class TfdsImageSource(ImageSource):
     Images are read undecoded and decoded with PIL like files, so duplicates can be found by hash.
     """
 
-    def __init__(self, data_source, image_key: str, labels, ids, class_names, multi_label, rows=None):
+    def __init__(
+        self,
+        data_source,
+        image_key: str,
+        labels,
+        ids,
+        class_names,
+        multi_label,
+        rows=None,
+        decode_options: DecodeOptions = DecodeOptions(),
+    ):
         super().__init__(labels, ids, class_names, multi_label, rows)
         self.data_source = data_source
         self.image_key = image_key
+        self.decode_options = decode_options
 
     def encoded_bytes(self, row: int) -> bytes:
         return self.data_source[row][self.image_key]
 
     def load_image(self, row: int) -> np.ndarray:
-        return decode_image(self.encoded_bytes(row), self.describe(row))
+        return decode_image(self.encoded_bytes(row), self.describe(row), self.decode_options)
 
     def describe(self, row: int) -> str:
         return f"TFDS example {self._all_ids[row]}"
@@ -153,8 +191,11 @@ class SyntheticSource(ImageSource):
         return synthetic_phantom(row, seed=self.seed, size=self.size)
 
 
-def _is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+def is_image_file(path: Path) -> bool:
+    """An image by extension, or a DICOM file by content whatever its name (often none, or a UID such as 1.2.3)."""
+    if not path.is_file() or path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or is_dicom_file(path)
 
 
 def _find_child(root: Path, names: Sequence[str]) -> Path | None:
@@ -179,10 +220,11 @@ def scan_class_folders(root: Path, class_names: Sequence[str] = ()) -> tuple[lis
             )
     paths, classes = [], []
     for folder in folders:
-        images = sorted(p for p in folder.iterdir() if _is_image_file(p))
+        images = sorted(p for p in folder.iterdir() if is_image_file(p))
         if not images:
             raise DataError(
-                f"Class folder {folder} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}). "
+                f"Class folder {folder} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)} and "
+                "DICOM files by content). "
                 "Add its images or remove the empty folder."
             )
         paths += images
@@ -190,12 +232,15 @@ def scan_class_folders(root: Path, class_names: Sequence[str] = ()) -> tuple[lis
     return paths, classes, found
 
 
-def folder_sources(path: str, class_names: Sequence[str] = ()) -> dict[str, FileImageSource]:
+def folder_sources(
+    path: str, class_names: Sequence[str] = (), decode_options: DecodeOptions = DecodeOptions()
+) -> dict[str, FileImageSource]:
     """Class-folder tree: `Training/<class>`, `Testing/<class>` (optional `Validation/<class>`) or `<class>`.
 
     Returns {"train": ..., "test": ..., "val": ...} for the splits that exist (plain class folders give
     only "train"). All splits share one class list; a class folder in the test split that the training
-    split lacks is an error.
+    split lacks is an error. Images are files with an image extension (DICOM included) and DICOM files
+    recognised by content; other files are ignored.
     """
     root = Path(path).expanduser()
     if not path or not root.is_dir():
@@ -224,7 +269,7 @@ def folder_sources(path: str, class_names: Sequence[str] = ()) -> dict[str, File
         labels += [names.index(c) for c in classes]
         split_of += [split] * len(split_paths)
     ids = [str(p.relative_to(root)) for p in paths]
-    full = FileImageSource(paths, np.asarray(labels, np.int64), ids, names, False)
+    full = FileImageSource(paths, np.asarray(labels, np.int64), ids, names, False, decode_options=decode_options)
     split_of = np.asarray(split_of)
     return {split: full.subset(np.flatnonzero(split_of == split)) for split in scanned}
 
@@ -252,13 +297,15 @@ def csv_source(
     multi_label: bool = False,
     class_names: Sequence[str] = (),
     label_separator: str = ";",
+    decode_options: DecodeOptions = DecodeOptions(),
 ) -> FileImageSource:
     """A CSV table of images: `image,<class name column>`, one-hot columns, or multi-label.
 
     Label layouts: one label column of class names (`image_name,diagnosis`; with multi_label, a list
     joined by `label_separator`), or several 0/1 columns (ISIC 2019 `image,MEL,NV,...`: exactly one 1
     per row unless multi_label). Every row is checked: missing image files and unknown labels are errors
-    naming the line. Rows are sorted by image id.
+    naming the line. Rows are sorted by image id. A name without extension gets `image_extension` unless
+    the file exists under that name and is DICOM.
     """
     table = Path(csv_path).expanduser()
     if not csv_path or not table.is_file():
@@ -312,7 +359,7 @@ def csv_source(
     ids, paths, missing = [], [], []
     for i, row in enumerate(rows):
         name = row[image_column]
-        if not Path(name).suffix and image_extension:
+        if not Path(name).suffix and image_extension and not is_dicom_file(folder / name):
             name += image_extension
         path = folder / name
         if not path.is_file():
@@ -326,7 +373,14 @@ def csv_source(
         )
     order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
     final = labels if multi_label else labels.argmax(1).astype(np.int64)
-    return FileImageSource([paths[i] for i in order], final[order], [ids[i] for i in order], names, multi_label)
+    return FileImageSource(
+        [paths[i] for i in order],
+        final[order],
+        [ids[i] for i in order],
+        names,
+        multi_label,
+        decode_options=decode_options,
+    )
 
 
 def tfds_sources(
@@ -336,6 +390,7 @@ def tfds_sources(
     image_key: str = "image",
     label_key: str = "label",
     multi_label: bool = False,
+    decode_options: DecodeOptions = DecodeOptions(),
 ) -> dict[str, TfdsImageSource]:
     """Splits ("train", "test", "validation" -> "val") of a TFDS dataset prepared as array_record."""
     import tensorflow_datasets as tfds  # Imported lazily: TensorFlow is slow to import.
@@ -381,7 +436,9 @@ def tfds_sources(
         else:
             ids = [f"{name}/{split}/{i}" for i in range(len(records))]
         order = np.argsort(np.asarray(ids, dtype=object), kind="stable")  # same order as the other sources
-        sources[key] = TfdsImageSource(data_source, image_key, labels, ids, class_names, multi_label, rows=order)
+        sources[key] = TfdsImageSource(
+            data_source, image_key, labels, ids, class_names, multi_label, rows=order, decode_options=decode_options
+        )
     if "train" not in sources:
         raise DataError(f"TFDS dataset {name!r} has no 'train' split (splits: {list(builder.info.splits)}).")
     return sources
@@ -395,8 +452,14 @@ class ScanResult:
     corrupt: dict[int, str]
 
 
-def _check_encoded(data: bytes) -> str | None:
-    """Cheap validity check of encoded image bytes: a readable header and, for JPEG/PNG, an end marker."""
+def _check_encoded(data: bytes, name: str = "", options: DecodeOptions = DecodeOptions()) -> str | None:
+    """Cheap validity check of encoded image bytes: a readable header and, for JPEG/PNG, an end marker.
+
+    DICOM: the dataset parses, its pixel data is complete, a decoding plugin is installed and the frame
+    is chosen (see `check_dicom`).
+    """
+    if looks_like_dicom(data, name):
+        return check_dicom(data, options)
     try:
         with Image.open(io.BytesIO(data)) as image:
             kind = image.format
@@ -421,7 +484,8 @@ def scan_rows(source: ImageSource, rows: Sequence[int], threads: int | None = No
             return None, f"unreadable ({error})"
         if data is None:
             return None, None
-        return hashlib.blake2b(data, digest_size=16).hexdigest(), _check_encoded(data)
+        digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+        return digest, _check_encoded(data, source.describe(row), source.decode_options)
 
     with ThreadPoolExecutor(threads or min(8, (os.cpu_count() or 1) + 2)) as pool:
         results = list(pool.map(one, rows))
@@ -434,8 +498,12 @@ def source_splits_from_config(data_config) -> dict[str, ImageSource]:
     """The dataset's own splits for `data_config.source` (only "train" when it has none)."""
     kind = data_config.source
     class_names = tuple(data_config.get("class_names", ()) or ())
+    try:
+        decode_options = decode_options_from_config(data_config)
+    except ValueError as error:
+        raise DataError(str(error)) from error
     if kind == "folder":
-        return folder_sources(data_config.path, class_names)
+        return folder_sources(data_config.path, class_names, decode_options)
     if kind == "csv":
         return {
             "train": csv_source(
@@ -447,6 +515,7 @@ def source_splits_from_config(data_config) -> dict[str, ImageSource]:
                 multi_label=data_config.multi_label,
                 class_names=class_names,
                 label_separator=data_config.csv_label_separator,
+                decode_options=decode_options,
             )
         }
     if kind == "tfds":
@@ -456,6 +525,7 @@ def source_splits_from_config(data_config) -> dict[str, ImageSource]:
             image_key=data_config.tfds_image_key,
             label_key=data_config.tfds_label_key,
             multi_label=data_config.multi_label,
+            decode_options=decode_options,
         )
     if kind == "synthetic":
         return {

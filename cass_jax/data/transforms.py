@@ -8,20 +8,84 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from cass_jax.data.dicom import DecodeOptions, decode_dicom, looks_like_dicom, min_max_to_uint8, window_to_uint8
+
 Record = dict[str, Any]
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Decodes encoded image bytes to uint8 (H, W, 3) RGB; grayscale/palette/alpha are converted."""
+# PIL modes converted to RGB without warning: lossless (1, L, P, RGB, RGBX) or a standard colour transform.
+_SILENT_MODES = ("1", "L", "P", "RGB", "RGBX", "YCbCr", "HSV")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_UNSIGNED_16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, message: str, *args) -> None:
+    """Logs `message` the first time `kind` happens in this process (each grain worker warns once)."""
+    if kind not in _warned:
+        _warned.add(kind)
+        logging.warning(message + " (logged once per process)", *args)
+
+
+def _pil_to_rgb(image: Image.Image, name: str, options: DecodeOptions) -> np.ndarray:
+    """PIL image -> uint8 (H, W, 3) without silently losing information (see `decode_image`)."""
+    mode = image.mode
+    if mode in _UNSIGNED_16_MODES or (mode == "I" and image.format == "PNG"):  # PNG "I": 16-bit in old Pillow
+        values = np.asarray(image)
+        if options.window is not None:
+            gray = window_to_uint8(values, *options.window)
+        else:
+            gray = np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+            if 0 < values.max() < 4096:
+                _warn_once(
+                    "low_16_bit",
+                    "%s is a 16-bit image whose values stay below 4096 (12-bit data?), so it decodes dark with few "
+                    "gray levels (value * 255 / 65535). For 12-bit data set data.window='2048,4096'",
+                    name,
+                )
+    elif mode in ("I", "F") or mode.startswith(("I;", "F;")):
+        values = np.asarray(image.convert("F") if mode not in ("I", "F") else image)
+        gray = window_to_uint8(values, *options.window) if options.window is not None else min_max_to_uint8(values)
+    elif mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"))
+        alpha = rgba[:, :, 3:]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgba[:, :, :3])
+        _warn_once("alpha", "%s (mode %s) has transparent pixels; they are composited over black", name, mode)
+        return np.rint(rgba[:, :, :3] * (alpha / 255.0)).astype(np.uint8)
+    elif mode in _SILENT_MODES:
+        return np.asarray(image if mode == "RGB" else image.convert("RGB"))
+    else:
+        _warn_once(
+            f"mode_{mode}", "%s has mode %s; PIL converts it to RGB without colour management, colours may shift",
+            name, mode,
+        )
+        return np.asarray(image.convert("RGB"))
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def decode_image(data: bytes, name: str, options: DecodeOptions = DecodeOptions()) -> np.ndarray:
+    """Decodes encoded image bytes to uint8 (H, W, 3) RGB; bad bytes raise a ValueError naming `name`.
+
+    DICOM (recognised by its "DICM" magic, or a .dcm/.dicom name) goes to `decode_dicom`. Other formats are
+    read with PIL: gray, palette and bilevel images become RGB; 16-bit unsigned images (I;16, 16-bit PNG/TIFF)
+    are scaled by 255 / 65535 (a value v * 257 decodes to v); 32-bit integer and float images are mapped
+    from their own min..max. `options.window` (data.window) windows all of these instead, as DICOM does.
+    Transparent pixels are composited over black; modes PIL converts only approximately (CMYK, LAB) and
+    16-bit images that look 12-bit are logged once per process.
+    """
+    if looks_like_dicom(data, name):
+        return decode_dicom(data, name, options)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+            return _pil_to_rgb(image, name, options)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for bad files.
         raise ValueError(
             f"Cannot decode image {name}: {error}. The file is unreadable or truncated: replace or delete "
