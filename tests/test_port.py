@@ -15,6 +15,7 @@ import pytest
 from cass_jax.models import create_model, init_variables
 from cass_jax.port import (
     load_pretrained_variables,
+    read_checkpoint,
     load_variables,
     merge_variables,
     port_big_vision_vit,
@@ -382,3 +383,21 @@ def test_truncated_and_missing_files_name_the_problem(tmp_path, suffix):
         load_pretrained_variables(str(path), model, 128, jax.random.key(0))
     with pytest.raises(FileNotFoundError, match=rf"missing{suffix}.*does not exist"):
         load_pretrained_variables(str(tmp_path / f"missing{suffix}"), model, 128, jax.random.key(0))
+
+
+class NotATensor:
+    """A pickled Python object of the kind torch.load(weights_only=True) refuses."""
+
+
+def test_pickle_with_objects_is_refused_with_a_plain_message_and_a_conversion_command(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "extra": NotATensor()}, path)
+    with pytest.raises(ValueError) as error:
+        read_checkpoint(path)
+    message = str(error.value)
+    assert "objects other than tensors" in message and "NotATensor" in message
+    assert "not loaded" in message and "safetensors" in message and "\x1b" not in message and "\n" not in message
+    command = message.split('python -c "', 1)[1].split('" and use', 1)[0]
+    exec(command, {})  # the user's step, if they trust the file: it unpickles NotATensor from this module
+    assert read_checkpoint(path.with_suffix(".safetensors"))[1]["w"].shape == (2,)

@@ -4,6 +4,8 @@ Every failure names the file and says what to do, because users hand us files fr
 """
 
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -96,6 +98,16 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ValueError(
+            f"{str(path)!r} holds Python objects other than tensors{f' ({found.group(1)})' if found else ''}, so it "
+            "was not loaded: unpickling them could run code. If you trust the file, convert its weights to "
+            "safetensors once: python -c \"import torch, safetensors.torch as st; "
+            f"sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', sd); "
+            f"st.save_file({{k: v.contiguous() for k, v in sd.items() if torch.is_tensor(v)}}, "
+            f"'{path.with_suffix('.safetensors')}')\" and use the .safetensors file."
+        ) from None
     except Exception as error:
         raise ValueError(
             f"Could not read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: {str(error)[:200]}); "
