@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +33,7 @@ from flax import linen as nn
 
 from cass_jax import data as data_lib
 from cass_jax import metrics as metrics_lib
+from cass_jax.classifier import save_classifier
 from cass_jax.losses import class_weights, focal_loss
 from cass_jax.models import create_model
 from cass_jax.port import merge_variables, read_and_port
@@ -39,6 +41,7 @@ from cass_jax.port.pretrained import check_architecture
 from cass_jax.reporting import create_writer
 
 PROTOCOLS = ("finetune", "linear_probe")
+SAVE_MODELS = ("best", "all", "none")
 ARMS = ("cnn", "vit")
 LOSSES = ("focal", "sigmoid_focal", "cross_entropy")
 NAMED_INITS = ("cass", "cass_raw", "random", "arm_init")
@@ -81,6 +84,13 @@ def default_downstream_config() -> ml_collections.ConfigDict:
     c.augment = True
     # Also report the mean of the two fine-tuned arms' probabilities (pipeline only).
     c.ensemble = True
+    # Which trained classifiers to keep under <workdir>/models/ (listed in models.json): "best" (per arm, init,
+    # protocol and label fraction, the seed with the lowest validation loss), "all" or "none".
+    c.save_models = "best"
+    # Pipeline: saliency maps (comma-separated methods, see cass_jax.saliency) of the first test images through
+    # each arm's saved fine-tuned classifier at the largest label fraction, side by side, in <workdir>/saliency/.
+    c.saliency = "vanilla"
+    c.saliency_images = 4
     return c
 
 
@@ -400,6 +410,7 @@ def check_downstream_config(config: ml_collections.ConfigDict) -> None:
         (d.arm in ARMS, "downstream.arm", d.arm, f"one of {ARMS}"),
         (all(p in PROTOCOLS for p in d.protocols), "downstream.protocols", d.protocols, f"a subset of {PROTOCOLS}"),
         (d.loss in LOSSES, "downstream.loss", d.loss, f"one of {LOSSES}"),
+        (d.save_models in SAVE_MODELS, "downstream.save_models", d.save_models, f"one of {SAVE_MODELS}"),
         (all(0 < f <= 1 for f in d.label_fractions), "downstream.label_fractions", d.label_fractions,
          "fractions in (0, 1]"),
         (len(d.seeds) > 0, "downstream.seeds", d.seeds, "at least one seed"),
@@ -412,6 +423,9 @@ def check_downstream_config(config: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ValueError(f"{key}={value!r} is invalid; it must be {expected}.")
     parse_inits(d.init)
+    from cass_jax.saliency_report import parse_methods
+
+    parse_methods(d.saliency)
 
 
 def load_downstream_data(config: ml_collections.ConfigDict) -> Any:
@@ -432,11 +446,18 @@ class RunSpec:
         return (f"{self.arm}_{self.protocol}_{self.init.label}_f{self.label_fraction:g}_s{self.seed}")
 
 
+def method_of(init_label: str) -> str:
+    """The self-supervised method behind an init: "cass" for this workdir's CASS exports, else "none"."""
+    return "cass" if init_label in ("cass", "cass_raw") else "none"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunSpec, run_dir: Path,
-                       initial_variables: InitialVariables | None = None) -> dict[str, Any]:
+                       initial_variables: InitialVariables | None = None,
+                       classifier_dir: Path | None = None) -> dict[str, Any]:
     """Trains one arm under one protocol, label fraction and seed; tests the best epoch.
 
     Returns a JSON-ready record with the test metrics, plus `test_probabilities` / `test_labels` arrays.
+    With `classifier_dir`, the best epoch's classifier is saved there (`cass_jax.classifier.load_classifier`).
     """
     d = config.downstream
     multi_label = bool(splits.multi_label)
@@ -513,16 +534,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
     logging.info("%s best epoch %d of %d | test_loss %.4f | test %s %.4f", tag, result.best_epoch,
                  result.epochs_run, test.loss, main_metric, test_metrics[main_metric])
     record = {
-        "arm": run.arm, "protocol": run.protocol, "init": run.init.label, "model": run.init.model_name,
+        "arm": run.arm, "method": method_of(run.init.label), "protocol": run.protocol, "init": run.init.label,
+        "model": run.init.model_name,
         "weights": run.init.weights_path, "label_fraction": run.label_fraction, "seed": run.seed,
         "num_labelled": int(len(indices)), "class_weights": np.asarray(weights).tolist(),
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "best_val_loss": result.best_val_loss,
         "test_loss": test.loss, "train_seconds": train_seconds, "test_metrics": test_metrics,
         "history": result.history,
     }
+    if classifier_dir is not None:
+        backbone = run.init.weights_path if run.protocol == "linear_probe" else None
+        save_classifier(classifier_dir, model_name=run.init.model_name, variables=best,
+                        class_names=splits.class_names, multi_label=multi_label, data_config=config.data,
+                        dtype=config.dtype, backbone_path=backbone, config=config,
+                        info={key: record[key] for key in ("arm", "method", "init", "protocol", "label_fraction",
+                                                           "seed", "best_epoch", "best_val_loss")})
+        record["classifier"] = str(classifier_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_json(run_dir / "result.json", record)
-    np.savez(run_dir / "test_predictions.npz", probabilities=test.probabilities, labels=test.labels)
+    test_ids = np.asarray(splits.test.ids, dtype=str)
+    test_paths = np.asarray([splits.test.describe(int(row)) for row in splits.test.rows], dtype=str)
+    np.savez(run_dir / "test_predictions.npz", probabilities=test.probabilities, labels=test.labels, ids=test_ids,
+             paths=test_paths)
     return {**record, "test_probabilities": test.probabilities, "test_labels": test.labels}
 
 
@@ -539,11 +572,35 @@ def run_settings(config: ml_collections.ConfigDict, workdir: str | Path, arms: S
     for (init, arm), arm_init in arm_inits.items():
         for protocol in protocols:
             for fraction in d.label_fractions:
+                group = []
                 for seed in d.seeds:
                     run = RunSpec(arm, protocol, arm_init, float(fraction), int(seed))
-                    records.append(train_and_evaluate(config, splits, run, workdir / "downstream" / run.name,
-                                                      initial_variables))
+                    classifier_dir = None if d.save_models == "none" else workdir / "models" / run.name
+                    group.append(train_and_evaluate(config, splits, run, workdir / "downstream" / run.name,
+                                                    initial_variables, classifier_dir))
+                if d.save_models == "best":
+                    keep_best_classifier(group)
+                records += group
     return records
+
+
+def keep_best_classifier(group: list[dict[str, Any]]) -> None:
+    """Of one setting's seeds, keeps the saved classifier with the lowest validation loss; deletes the others."""
+    best = min(group, key=lambda r: (r["best_val_loss"], r["seed"]))
+    for record in group:
+        if record is not best and record.get("classifier"):
+            shutil.rmtree(record["classifier"], ignore_errors=True)
+            record["classifier"] = None
+
+
+def write_models_index(workdir: str | Path, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """models.json: one entry per saved classifier, with its setting and the test metrics results.json reports."""
+    keys = ("arm", "method", "init", "label_fraction", "protocol", "seed", "model")
+    entries = [{**{k: r[k] for k in keys}, "path": r["classifier"], "test_metrics": r["test_metrics"]}
+               for r in records if r.get("classifier")]
+    if entries:
+        dump_json(Path(workdir) / "models.json", entries)
+    return entries
 
 
 def json_record(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -591,4 +648,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         raise ValueError(f"finetune.run handles config.mode in {PROTOCOLS}; got {config.mode!r}.")
     splits = load_downstream_data(config)
     records = run_settings(config, workdir, (config.downstream.arm,), (config.mode,), splits)
+    write_models_index(workdir, records)
     return write_results(workdir, records, bool(splits.multi_label), splits.class_names)

@@ -48,12 +48,33 @@ def ensemble_records(records: Sequence[Mapping[str, Any]], multi_label: bool) ->
                              "test labels; they must be evaluated on the same test split to be ensembled.")
         mean_probabilities = (cnn["test_probabilities"] + vit["test_probabilities"]) / 2.0
         ensembles.append({
-            "arm": "ensemble", "protocol": "finetune", "init": init, "model": f"{cnn['model']}+{vit['model']}",
+            "arm": "ensemble", "method": cnn["method"], "protocol": "finetune", "init": init, "model": f"{cnn['model']}+{vit['model']}",
             "label_fraction": fraction, "seed": seed,
             "test_metrics": metrics_lib.classification_metrics(cnn["test_labels"], mean_probabilities, multi_label),
             "test_probabilities": mean_probabilities, "test_labels": cnn["test_labels"],
         })
     return ensembles
+
+
+def write_pipeline_saliency(config: ml_collections.ConfigDict, workdir: Path, records: Sequence[Mapping[str, Any]],
+                            test_source: Any) -> dict[str, Any] | None:
+    """Saliency figure of the first test images through each arm's kept fine-tuned model at the largest fraction."""
+    from cass_jax import saliency_report
+    from cass_jax.reporting import create_writer
+
+    d = config.downstream
+    methods = saliency_report.parse_methods(d.saliency)
+    kept = [r for r in records if r.get("classifier") and r["protocol"] == "finetune"]
+    if not kept or not methods:
+        return None
+    largest = max(r["label_fraction"] for r in kept)
+    models = {f"{r['arm']}_{r['init']}": r["classifier"] for r in kept if r["label_fraction"] == largest}
+    writer = create_writer(workdir / "saliency")
+    report = saliency_report.pipeline_saliency(workdir / "saliency", models, test_source, int(d.saliency_images),
+                                               methods, writer)
+    writer.flush()
+    logging.info("Saliency figures of %d test images: %s", d.saliency_images, workdir / "saliency")
+    return report
 
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any] | None:
@@ -72,6 +93,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str | Path) -> dict
     splits = finetune.load_downstream_data(config)
     multi_label = bool(splits.multi_label)
     records = finetune.run_settings(config, workdir, d.arms, d.protocols, splits)
+    finetune.write_models_index(workdir, records)
+    write_pipeline_saliency(config, workdir, records, splits.test)
     if d.ensemble:
         records += ensemble_records(records, multi_label)
     return finetune.write_results(workdir, records, multi_label, splits.class_names)

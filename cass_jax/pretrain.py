@@ -304,7 +304,8 @@ def export_arms(config: ml_collections.ConfigDict, workdir: Path, arms: Arms, st
     description = {}
     for arm, model in (("cnn", arms.cnn), ("vit", arms.vit)):
         description[arm] = {"name": config[arm].name, "num_classes": config[arm].num_classes,
-                            "image_size": config.data.image_size, "raw": f"{arm}.msgpack"}
+                            "image_size": config.data.image_size, "mean": list(config.data.mean),
+                            "std": list(config.data.std), "raw": f"{arm}.msgpack"}
         variables = {"params": state.params[arm]}
         if arm == "cnn":
             variables["batch_stats"] = state.batch_stats["cnn"]

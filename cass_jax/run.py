@@ -4,7 +4,7 @@ from pathlib import Path
 
 import ml_collections
 
-MODES = ("pretrain", "finetune", "linear_probe", "pipeline")
+MODES = ("pretrain", "finetune", "linear_probe", "pipeline", "predict")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
@@ -18,4 +18,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
     if config.mode == "pipeline":
         from cass_jax.pipeline import run_pipeline
         return run_pipeline(config, workdir)
+    if config.mode == "predict":
+        from cass_jax.inference import run_predict
+        return run_predict(config, workdir)
     raise ValueError(f"Unknown config.mode={config.mode!r}; use one of {', '.join(MODES)}.")
