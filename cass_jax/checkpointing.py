@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -31,6 +32,7 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+        logging.info("Checkpoint of step %d: %s", step, self.manager.directory / str(step))
 
     def restore(self, step: int, state_template: Any, data_iterator: Any) -> Any:
         """Restores the state into the shapes/shardings of `state_template`, and the iterator in place."""

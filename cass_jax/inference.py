@@ -134,7 +134,9 @@ def predict_source(classifiers: Sequence[Classifier], source: ImageSource, *, ba
                                                             batch_size))
                 positions += [p for p, _ in good]
                 paths += [source.describe(int(source.rows[p])) for p, _ in good]
-            if batch_index % log_every_batches == 0 or batch_index == num_batches:
+            if batch_index == 1:
+                progress.compiled(1)
+            elif batch_index % log_every_batches == 0 or batch_index == num_batches:
                 progress.log(batch_index, {"images": min(first + batch_size, total), "unreadable": len(errors)},
                              progress.images_per_second(batch_index))
     num_classes = classifiers[0].num_classes

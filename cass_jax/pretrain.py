@@ -222,6 +222,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
                     local_batch["image"], config.data.mean, config.data.std)[None]})
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(state, parallel.to_global_batch(local_batch, batch_sharding))
+            if step == start_step + 1:
+                progress.compiled(step)
             if pending is not None:
                 _check_finite(*pending)
             pending = (metrics, step)

@@ -1,5 +1,6 @@
 """What a long run shows: TensorBoard through CLU writers, and one readable console line with speed and ETA."""
 
+import logging as logging_std
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,8 +13,32 @@ from clu import metric_writers
 
 
 def create_writer(logdir: str | Path) -> metric_writers.MetricWriter:
-    """TensorBoard + log writer on the first process, log-only on the others."""
-    return metric_writers.create_default_writer(str(logdir), just_logging=jax.process_index() > 0)
+    """TensorBoard on the first process, nothing on the others.
+
+    No logging writer: each loop prints its own progress line, and echoing every scalar and image summary
+    to the console buried it (the demo printed 140 such lines).
+    """
+    if jax.process_index() > 0:
+        return metric_writers.MultiWriter([])
+    return metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(str(logdir))])
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+    """Drops INFO and DEBUG records that libraries log through absl (orbax logs ~10 lines per checkpoint)."""
+
+    QUIET = ("/orbax/", "/grain/", "/tensorflow_datasets/")
+
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return record.levelno >= logging_std.WARNING or not any(p in record.pathname for p in self.QUIET)
+
+
+def quiet_library_logs(quiet: bool = True) -> None:
+    """Hides the INFO lines of orbax, grain and TFDS (warnings and errors still show); idempotent."""
+    absl_logger = logging_std.getLogger("absl")
+    for existing in [f for f in absl_logger.filters if isinstance(f, _LibraryInfoFilter)]:
+        absl_logger.removeFilter(existing)
+    if quiet:
+        absl_logger.addFilter(_LibraryInfoFilter())
 
 
 def flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -49,13 +74,30 @@ def image_grid(images: np.ndarray, mean, std, max_images: int = 16) -> np.ndarra
 
 
 class ProgressLine:
-    """Logs `step s/N | metrics | img/s | ETA` and measures throughput between calls."""
+    """Logs `step s/N | metrics | img/s | ETA` and measures throughput between calls.
+
+    Call `compiled(step)` once the first step of a run (or of a resumed run) has returned: rates and the ETA
+    then leave out compilation, which otherwise made the first ETA many times too long.
+    """
 
     def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0):
         self.total_steps = total_steps
         self.batch_size = global_batch_size
         self._last_step = start_step
         self._last_time = time.monotonic()
+        self._origin: tuple[int, float] | None = None
+
+    def compiled(self, step: int) -> None:
+        """Marks `step` as the first step after compilation: timing starts here."""
+        self._last_step, self._last_time = step, time.monotonic()
+        self._origin = (step, self._last_time)
+
+    def eta_seconds(self, step: int, images_per_second: float) -> float:
+        """Remaining time at the mean rate since compilation (else at `images_per_second`)."""
+        if self._origin is not None and step > self._origin[0]:
+            seconds_per_step = (time.monotonic() - self._origin[1]) / (step - self._origin[0])
+            return (self.total_steps - step) * seconds_per_step
+        return (self.total_steps - step) * self.batch_size / max(images_per_second, 1e-9)
 
     def images_per_second(self, step: int) -> float:
         """Throughput since the previous call (includes data loading and logging: what the user gets)."""
@@ -65,7 +107,7 @@ class ProgressLine:
         return rate
 
     def line(self, step: int, scalars: Mapping[str, float], images_per_second: float) -> str:
-        remaining = (self.total_steps - step) * self.batch_size / max(images_per_second, 1e-9)
+        remaining = self.eta_seconds(step, images_per_second)
         eta = time.strftime("%H:%M:%S", time.gmtime(remaining)) if remaining < 86400 else f"{remaining / 3600:.0f}h"
         shown = " | ".join(f"{k} {v:.4g}" for k, v in scalars.items())
         return f"step {step}/{self.total_steps} | {shown} | {images_per_second:.1f} img/s | ETA {eta}"

@@ -9,6 +9,9 @@ MODES = ("pretrain", "finetune", "linear_probe", "pipeline", "predict")
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
     """Runs the experiment `config` describes, writing everything under `workdir`."""
+    from cass_jax.reporting import quiet_library_logs
+
+    quiet_library_logs()
     if config.mode == "pretrain":
         from cass_jax.pretrain import pretrain
         return pretrain(config, workdir)

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -242,3 +243,34 @@ def test_pipeline_writes_the_saliency_figure_of_its_fine_tuned_models(trained, t
     assert list(report["models"]) == [Path(_by_setting(records, "cnn")["classifier"]).name]
     figure = Image.open(tmp_path / "saliency" / "comparison_vanilla.png")
     assert figure.size[1] > config.downstream.saliency_images * 128
+
+
+@pytest.mark.skipif(not BRAIN_MRI.is_dir(), reason="../shared/data/brain_mri_small is absent")
+def test_dicom_copies_of_real_images_get_the_jpegs_predictions(trained, tmp_path):
+    """16-bit MONOCHROME2 and 8-bit MONOCHROME1 DICOMs (no extension for one of them) written losslessly."""
+    from tests.test_dicom import WINDOW_8_BIT, WINDOW_16_BIT, write_dicom
+
+    _, _, records = trained
+    jpegs = sorted((BRAIN_MRI / "Testing").glob("*/*.jpg"))[::10]
+    folders = {kind: tmp_path / kind for kind in ("jpeg", "mono2_16", "mono1_8")}
+    for jpeg in jpegs:
+        rgb = np.asarray(Image.open(jpeg).convert("RGB"))
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])):
+            continue  # DICOM MONOCHROME holds one channel: only gray images convert losslessly
+        v8 = rgb[..., 0]
+        for folder in folders.values():
+            (folder / jpeg.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(jpeg, folders["jpeg"] / jpeg.parent.name)
+        write_dicom(folders["mono2_16"] / jpeg.parent.name / f"{jpeg.stem}.dcm", v8.astype(np.uint16) * 257,
+                    "MONOCHROME2", WINDOW_16_BIT)
+        write_dicom(folders["mono1_8"] / jpeg.parent.name / jpeg.stem, 255 - v8, "MONOCHROME1", WINDOW_8_BIT)
+    model = _by_setting(records, "cnn")["classifier"]
+    predicted = {}
+    for kind, folder in folders.items():
+        inference.run_predict(_predict_config(model, path=folder), tmp_path / f"out_{kind}")
+        rows = _read_csv(tmp_path / f"out_{kind}" / "predictions.csv")
+        predicted[kind] = np.asarray([[float(r[c]) for c in ("glioma", "meningioma", "notumor", "pituitary")]
+                                      for r in rows])
+    assert len(predicted["jpeg"]) >= 5
+    np.testing.assert_allclose(predicted["mono2_16"], predicted["jpeg"], atol=1e-6)
+    np.testing.assert_allclose(predicted["mono1_8"], predicted["jpeg"], atol=1e-6)

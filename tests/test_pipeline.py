@@ -122,3 +122,20 @@ def test_linear_probe_of_cass_pretrained_arms_on_brain_mri(tmp_path):
         assert test["per_class_support"] == [25, 25, 25, 25]
         assert 0.0 <= test["macro_f1"] <= 1.0 and np.isfinite(record["test_loss"])
     assert results["class_names"] == ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def test_readme_snippet_loads_each_exported_arm_as_written(demo_run):
+    """README: `load_classifier(export file)` rebuilds either arm from arms.json (the ViT at the run's 128 px)."""
+    from cass_jax.classifier import load_classifier
+
+    _, workdir, _ = demo_run
+    images_uint8 = np.random.default_rng(0).integers(0, 256, (2, 150, 100, 3), dtype=np.uint8)
+    for arm in ("cnn", "vit"):
+        loaded = load_classifier(workdir / "export" / f"{arm}_swa.msgpack")
+        probabilities = loaded(images_uint8)
+        assert probabilities.shape == (2, 1000)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+        inputs = loaded.preprocess(images_uint8)
+        assert inputs.shape == (2, 128, 128, 3)
+        logits, features = loaded.model.apply(loaded.variables, inputs, train=False, return_features=True)
+        assert logits.shape == (2, 1000) and features.shape[0] == 2

@@ -30,11 +30,11 @@ def normal_images(seed: int, count: int, size: int) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (count, size, size, 3))
 
 
-@pytest.mark.parametrize("fixture, size, tolerance, baselines", [("micro_vit", 64, 0.01, ("black", "gray")),
-                                                                  ("tiny_resnet", 128, 0.02, ("black",))])
-def test_integrated_gradients_sum_to_the_score_difference(request, fixture, size, tolerance, baselines):
-    """Completeness within 1% on the ViT (smooth: 0.01% at 64 steps). The ResNet's path crosses ReLU kinks, where the
-    integrand jumps and the quadrature error falls only as 1/steps (up to 0.8% at 64 steps, 0.7% at 128): 2% there."""
+@pytest.mark.parametrize("fixture, size, steps, baselines", [("micro_vit", 64, 64, ("black", "gray")),
+                                                              ("tiny_resnet", 128, 128, ("black",))])
+def test_integrated_gradients_sum_to_the_score_difference(request, fixture, size, steps, baselines):
+    """Completeness within 1%. The ViT is smooth (0.01% at 64 steps); the ResNet's path crosses ReLU kinks, where the
+    integrand jumps and the quadrature error falls only as 1/steps (up to 0.8% at 64 steps, 0.7% at 128)."""
     model, variables = request.getfixturevalue(fixture)
     images, targets = normal_images(1, 2, size), np.array([0, 2])
     # The default baseline (the normalised black image) and a given one, mid-gray. A zero image would be a poor test:
@@ -43,12 +43,12 @@ def test_integrated_gradients_sum_to_the_score_difference(request, fixture, size
     gray = np.broadcast_to((0.5 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD), (size, size, 3))
     cases = {"black": (None, saliency.black_baseline(images.shape)), "gray": (gray, gray)}
     for given, baseline in (cases[name] for name in baselines):
-        attributions = saliency.integrated_gradients(model, variables, images, targets, baseline=given, steps=64,
+        attributions = saliency.integrated_gradients(model, variables, images, targets, baseline=given, steps=steps,
                                                      points_per_pass=4)
         expected = (saliency.class_scores(model, variables, images, targets)
                     - saliency.class_scores(model, variables, np.broadcast_to(baseline, images.shape), targets))
         assert np.all(np.abs(expected) > 1e-2)
-        np.testing.assert_allclose(np.asarray(attributions.sum(axis=(1, 2, 3))), expected, rtol=tolerance)
+        np.testing.assert_allclose(np.asarray(attributions.sum(axis=(1, 2, 3))), expected, rtol=0.01)
 
 
 def test_batched_integration_equals_one_image_at_a_time(micro_vit):

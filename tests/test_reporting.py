@@ -1,0 +1,42 @@
+"""Console output of long runs: the ETA leaves out compilation, and library INFO lines stay hidden."""
+
+import logging
+
+import pytest
+
+from cass_jax import reporting
+
+
+def test_eta_uses_the_rate_after_compilation(monkeypatch):
+    clock = iter([0.0, 30.0, 32.0, 32.0, 32.0])  # construction, compiled at step 1, then step 11 twice
+    monkeypatch.setattr(reporting.time, "monotonic", lambda: next(clock))
+    progress = reporting.ProgressLine(total_steps=101, global_batch_size=4)
+    progress.compiled(1)  # the first step took 30 s: compilation
+    assert progress.images_per_second(11) == pytest.approx(10 * 4 / 2.0)
+    assert progress.eta_seconds(11, images_per_second=1.0) == pytest.approx(90 * 0.2)  # 0.2 s per step since
+    assert "ETA 00:00:18" in progress.line(11, {"loss": 1.0}, 20.0)
+
+
+def test_eta_before_compilation_is_marked_uses_the_given_rate():
+    progress = reporting.ProgressLine(total_steps=10, global_batch_size=2)
+    assert progress.eta_seconds(5, images_per_second=1.0) == pytest.approx(10.0)
+
+
+def _record(path: str, level: int) -> logging.LogRecord:
+    return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+
+def test_library_info_lines_are_dropped_and_warnings_kept():
+    absl_logger = logging.getLogger("absl")
+    reporting.quiet_library_logs()
+    reporting.quiet_library_logs()  # idempotent: one filter
+    try:
+        filters = [f for f in absl_logger.filters if isinstance(f, reporting._LibraryInfoFilter)]
+        assert len(filters) == 1
+        orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+        assert not absl_logger.filter(_record(orbax, logging.INFO))
+        assert absl_logger.filter(_record(orbax, logging.WARNING))
+        assert absl_logger.filter(_record("/repo/cass_jax/pretrain.py", logging.INFO))
+    finally:
+        reporting.quiet_library_logs(False)
+    assert absl_logger.filter(_record(orbax, logging.INFO))
