@@ -163,8 +163,8 @@ def default_predict_config() -> ml_collections.ConfigDict:
     # Threads that read and resize images.
     c.read_threads = 2
     # Saliency maps (comma-separated methods: vanilla, smoothgrad, integrated_gradients, grad_cam,
-    # attention_rollout) for the first `saliency_images` images, one PNG per image, model and method, plus a
-    # side-by-side figure; masks: a folder of mask PNGs named like the images, for the overlap scores.
+    # attention_rollout) for `saliency_images` images spread evenly over the input, one PNG per image, model and
+    # method, plus a side-by-side figure; masks: a folder of mask PNGs named like the images, for the overlap scores.
     c.saliency = ""
     c.saliency_images = 8
     c.masks = ""

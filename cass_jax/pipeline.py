@@ -68,7 +68,7 @@ def write_pipeline_saliency(config: ml_collections.ConfigDict, workdir: Path, re
     if not kept or not methods:
         return None
     largest = max(r["label_fraction"] for r in kept)
-    models = {f"{r['arm']}_{r['init']}": r["classifier"] for r in kept if r["label_fraction"] == largest}
+    models = [r["classifier"] for r in kept if r["label_fraction"] == largest]
     writer = create_writer(workdir / "saliency")
     report = saliency_report.pipeline_saliency(workdir / "saliency", models, test_source, int(d.saliency_images),
                                                methods, writer)

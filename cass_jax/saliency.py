@@ -416,7 +416,9 @@ def rank_correlations(maps_a: Any, maps_b: Any) -> np.ndarray:
     maps_a, maps_b = np.asarray(maps_a), np.asarray(maps_b)
     if maps_a.shape != maps_b.shape:
         raise ValueError(f"Paired maps must have one shape, got {maps_a.shape} and {maps_b.shape}.")
-    return np.array([scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(maps_a, maps_b)])
+    # A constant map (e.g. an all-zero Grad-CAM of a random model) has no ranking: NaN, left out of the means.
+    return np.array([scipy.stats.spearmanr(a.ravel(), b.ravel()).statistic if np.ptp(a) > 0 and np.ptp(b) > 0
+                     else np.nan for a, b in zip(maps_a, maps_b)])
 
 
 def randomisation_check(model: nn.Module, trained_variables: Mapping[str, Any], random_variables: Mapping[str, Any],

@@ -57,6 +57,20 @@ def read_masks(folder: str | Path, image_paths: Sequence[str], size: int) -> np.
     return np.stack(masks)
 
 
+def short_names(classifiers: Sequence[Classifier]) -> list[str]:
+    """Column labels that fit a figure: "cnn cass", adding protocol, then label fraction and seed, only where needed
+    to tell models apart; the folder name for models without that information."""
+    keys = (("arm", "init"), ("arm", "init", "protocol"), ("arm", "init", "protocol", "label_fraction", "seed"))
+    for fields in keys:
+        if all(all(f in c.info for f in fields) for c in classifiers):
+            names = [" ".join(f"{c.info[f]:g}" if isinstance(c.info[f], float) else str(c.info[f]) for f in fields)
+                     for c in classifiers]
+            if len(set(names)) == len(names):
+                return names
+    names = [c.name for c in classifiers]
+    return names if len(set(names)) == len(names) else [f"{i + 1}: {n}" for i, n in enumerate(names)]
+
+
 def _model_maps(classifier: Classifier, images: Sequence[np.ndarray], methods: Sequence[str],
                 seed: int, sanity_check: bool) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray]:
     """One model's maps per applicable method (at its input size), its sanity-check figures, its inputs (uint8)."""
@@ -81,10 +95,10 @@ def _model_maps(classifier: Classifier, images: Sequence[np.ndarray], methods: S
 
 def write_saliency(config: Any, workdir: Path, classifiers: Sequence[Classifier], source: Any, predictions: Any,
                    methods: Sequence[str], writer: Any) -> dict[str, Any]:
-    """Predict mode: maps of the first `config.saliency_images` predicted images under workdir/saliency/."""
-    count = min(int(config.saliency_images), len(predictions.paths))
-    images = [source[int(p)]["image"] for p in predictions.positions[:count]]
-    return saliency_report(workdir / "saliency", classifiers, images, predictions.paths[:count],
+    """Predict mode: maps of `config.saliency_images` predicted images, spread over the input, in workdir/saliency/."""
+    chosen = spread_positions(len(predictions.paths), int(config.saliency_images))
+    images = [source[int(predictions.positions[i])]["image"] for i in chosen]
+    return saliency_report(workdir / "saliency", classifiers, images, [predictions.paths[i] for i in chosen],
                            methods or ("vanilla",), writer=writer, masks_folder=config.masks, seed=int(config.seed),
                            sanity_check=bool(config.saliency_sanity_check), write_pngs=True)
 
@@ -101,13 +115,13 @@ def saliency_report(out: Path, classifiers: Sequence[Classifier], images: Sequen
     report: dict[str, Any] = {"images": list(paths), "methods": list(methods), "models": {}}
     columns: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
     display = None
-    for classifier in classifiers:
+    for classifier, name in zip(classifiers, short_names(classifiers)):
         maps, checks, resized = _model_maps(classifier, images, methods, seed, sanity_check)
         display = resized if display is None else display
-        entry: dict[str, Any] = {"path": classifier.path}
+        entry: dict[str, Any] = {"path": classifier.path, "folder": classifier.name}
         masks = read_masks(masks_folder, paths, classifier.image_size)
         for method, method_maps in maps.items():
-            columns[method][classifier.name] = method_maps
+            columns[method][name] = method_maps
             if write_pngs:
                 for stem, image, saliency_map in zip(stems, resized, method_maps):
                     figures.write_saliency_png(out / classifier.name / method / f"{stem}.png", image, saliency_map)
@@ -119,7 +133,7 @@ def saliency_report(out: Path, classifiers: Sequence[Classifier], images: Sequen
             entry["randomisation_rank_correlation"] = checks
             logging.info("Randomisation sanity check, %s (rank correlation, trained vs re-initialised; near 0 is "
                          "good): %s", classifier.name, {m: round(v, 3) for m, v in checks.items()})
-        report["models"][classifier.name] = entry
+        report["models"][name] = entry
     for method, by_model in columns.items():
         if not by_model:
             continue
@@ -131,15 +145,20 @@ def saliency_report(out: Path, classifiers: Sequence[Classifier], images: Sequen
     return report
 
 
-def pipeline_saliency(out: Path, model_paths: Mapping[str, str], test_source: Any, count: int,
+def spread_positions(size: int, count: int) -> list[int]:
+    """`count` positions spread evenly over a split of `size` (sorted by class, so several classes show)."""
+    return sorted({int(p) for p in np.linspace(0, size - 1, min(count, size))})
+
+
+def pipeline_saliency(out: Path, model_paths: Sequence[str], test_source: Any, count: int,
                       methods: Sequence[str], writer: Any = None) -> dict[str, Any] | None:
-    """The pipeline's figure: the first `count` test images through every kept model (named by `model_paths`)."""
+    """The pipeline's figure: `count` test images, spread over the split, through every kept model."""
     from cass_jax.classifier import load_classifier
 
     if not model_paths or count <= 0 or not methods:
         return None
-    classifiers = [load_classifier(path) for path in model_paths.values()]
-    positions = range(min(count, len(test_source)))
+    classifiers = [load_classifier(path) for path in model_paths]
+    positions = spread_positions(len(test_source), count)
     images = [test_source[p]["image"] for p in positions]
     paths = [test_source.describe(int(test_source.rows[p])) for p in positions]
     return saliency_report(out, classifiers, images, paths, methods, writer=writer, write_pngs=False)

@@ -214,16 +214,19 @@ def test_saliency_pngs_figures_mask_scores_and_sanity_check(trained, tmp_path):
         f"{cnn},{vit}", path=images, saliency="vanilla,grad_cam,attention_rollout", saliency_images=2,
         masks=str(masks), saliency_sanity_check=True), out)
     report = summary["saliency"]
-    names = [Path(cnn).name, Path(vit).name]
-    assert sorted(report["models"]) == sorted(names)
-    for name, methods in ((names[0], ("vanilla", "grad_cam")), (names[1], ("vanilla", "grad_cam", "attention_rollout"))):
+    assert sorted(report["models"]) == ["cnn arm_init", "vit arm_init"]  # short column labels
+    folders = [Path(cnn).name, Path(vit).name]
+    for label, methods in (("cnn arm_init", ("vanilla", "grad_cam")),
+                           ("vit arm_init", ("vanilla", "grad_cam", "attention_rollout"))):
+        name = report["models"][label]["folder"]
+        assert name in folders
         for method in methods:
             pngs = sorted((out / "saliency" / name / method).glob("*.png"))
             assert len(pngs) == 2 and Image.open(pngs[0]).size == (128, 128)
-            scores = report["models"][name]["mask_scores"][method]
+            scores = report["models"][label]["mask_scores"][method]
             assert 0.0 <= scores["mass_in_mask"] <= 1.0 and scores["pointing_game"] in (0.0, 0.5, 1.0)
-            assert -1.0 <= report["models"][name]["randomisation_rank_correlation"][method] <= 1.0
-    assert not (out / "saliency" / names[0] / "attention_rollout").exists()  # rollout is for ViTs only
+            assert -1.0 <= report["models"][label]["randomisation_rank_correlation"][method] <= 1.0
+    assert not (out / "saliency" / folders[0] / "attention_rollout").exists()  # rollout is for ViTs only
     figure = Image.open(out / "saliency" / "comparison_vanilla.png")
     assert figure.size[0] > 3 * 128 and figure.size[1] > 2 * 128  # input + two model columns, two rows
     with pytest.raises(ValueError, match="Unknown saliency method"):
@@ -240,7 +243,9 @@ def test_pipeline_writes_the_saliency_figure_of_its_fine_tuned_models(trained, t
     config, _, records = trained
     splits = finetune.load_downstream_data(config)
     report = write_pipeline_saliency(config, tmp_path, records, splits.test)
-    assert list(report["models"]) == [Path(_by_setting(records, "cnn")["classifier"]).name]
+    assert list(report["models"]) == ["cnn arm_init"]
+    assert report["models"]["cnn arm_init"]["path"] == _by_setting(records, "cnn")["classifier"]
+    assert len(report["images"]) == config.downstream.saliency_images
     figure = Image.open(tmp_path / "saliency" / "comparison_vanilla.png")
     assert figure.size[1] > config.downstream.saliency_images * 128
 
@@ -274,3 +279,15 @@ def test_dicom_copies_of_real_images_get_the_jpegs_predictions(trained, tmp_path
     assert len(predicted["jpeg"]) >= 5
     np.testing.assert_allclose(predicted["mono2_16"], predicted["jpeg"], atol=1e-6)
     np.testing.assert_allclose(predicted["mono1_8"], predicted["jpeg"], atol=1e-6)
+
+
+def test_figure_labels_are_short_and_unique(trained):
+    from cass_jax.saliency_report import short_names
+
+    _, _, records = trained
+    cnn = load_classifier(_by_setting(records, "cnn")["classifier"])
+    probe = dataclasses.replace(cnn, info={**cnn.info, "protocol": "linear_probe"})
+    other_seed = dataclasses.replace(cnn, info={**cnn.info, "seed": 7})
+    assert short_names([cnn]) == ["cnn arm_init"]
+    assert short_names([cnn, probe]) == ["cnn arm_init finetune", "cnn arm_init linear_probe"]
+    assert short_names([cnn, other_seed]) == [f"cnn arm_init finetune 1 {cnn.info['seed']}", "cnn arm_init finetune 1 7"]
