@@ -33,6 +33,7 @@ from flax import linen as nn
 
 from cass_jax import data as data_lib
 from cass_jax import metrics as metrics_lib
+from cass_jax import probe as probe_lib
 from cass_jax.classifier import save_classifier
 from cass_jax.losses import class_weights, focal_loss
 from cass_jax.models import create_model
@@ -42,6 +43,7 @@ from cass_jax.reporting import create_writer
 
 PROTOCOLS = ("finetune", "linear_probe")
 SAVE_MODELS = ("best", "all", "none")
+PROBES = ("logistic_regression", "gradient")
 ARMS = ("cnn", "vit")
 LOSSES = ("focal", "sigmoid_focal", "cross_entropy")
 NAMED_INITS = ("cass", "cass_raw", "random", "arm_init")
@@ -77,6 +79,11 @@ def default_downstream_config() -> ml_collections.ConfigDict:
     c.loss = "focal"
     c.focal_alpha = 1.0
     c.focal_gamma = 2.0
+    # Linear probe: "logistic_regression" (frozen features standardised with the labelled set's statistics, an L2
+    # logistic regression whose C is chosen on validation, folded into the head; scikit-learn) or "gradient" (the
+    # official code's: the head trained with Adam on augmented batches under the loss above, early stopping).
+    c.probe = "logistic_regression"
+    c.probe_c_values = probe_lib.DEFAULT_C_VALUES
     # Per-class loss weights from training label counts: "paper" (min-max into [0.2, 1], as the official
     # code), "inverse" (inverse frequency) or "none".
     c.class_weights = "paper"
@@ -411,6 +418,9 @@ def check_downstream_config(config: ml_collections.ConfigDict) -> None:
         (all(p in PROTOCOLS for p in d.protocols), "downstream.protocols", d.protocols, f"a subset of {PROTOCOLS}"),
         (d.loss in LOSSES, "downstream.loss", d.loss, f"one of {LOSSES}"),
         (d.save_models in SAVE_MODELS, "downstream.save_models", d.save_models, f"one of {SAVE_MODELS}"),
+        (d.probe in PROBES, "downstream.probe", d.probe, f"one of {PROBES}"),
+        (len(d.probe_c_values) > 0 and all(c > 0 for c in d.probe_c_values), "downstream.probe_c_values",
+         d.probe_c_values, "positive inverse L2 strengths"),
         (all(0 < f <= 1 for f in d.label_fractions), "downstream.label_fractions", d.label_fractions,
          "fractions in (0, 1]"),
         (len(d.seeds) > 0, "downstream.seeds", d.seeds, "at least one seed"),
@@ -451,9 +461,38 @@ def method_of(init_label: str) -> str:
     return "cass" if init_label in ("cass", "cass_raw") else "none"
 
 
+def fit_logistic_probe(config: ml_collections.ConfigDict, splits: Any, run: RunSpec, model: nn.Module,
+                       variables: dict, indices: np.ndarray, feature_cache: dict) -> tuple[dict, FitResult]:
+    """`downstream.probe=logistic_regression`: the regression on frozen features, folded into `head`.
+
+    Features depend only on the backbone, so they are extracted once per backbone and split (`feature_cache`) and
+    shared by every label fraction and seed; a random backbone differs per seed.
+    """
+    d = config.downstream
+    backbone = run.init.weights_path or f"random seed {run.seed}"
+
+    def features(split: str) -> np.ndarray:
+        key = (backbone, run.init.model_name, split)
+        if key not in feature_cache:
+            source = splits.train_full if split == "train_full" else getattr(splits, split)
+            feature_cache[key] = probe_lib.extract_features(model, variables, source, config.data,
+                                                            d.eval_batch_size)
+        return feature_cache[key]
+
+    labels = np.asarray(splits.train_full.labels)
+    fit = probe_lib.fit_probe(features("train_full")[indices], labels[indices], features("val"),
+                              np.asarray(splits.val.labels), splits.num_classes, bool(splits.multi_label),
+                              tuple(d.probe_c_values), run.seed)
+    best = {**variables, "params": {**variables["params"], "head": jax.tree.map(jnp.asarray, fit.head)}}
+    logging.info("[%s] logistic-regression probe: C=%g of %s (validation: %s)", run.name, fit.c,
+                 list(d.probe_c_values), fit.history[[h["C"] for h in fit.history].index(fit.c)])
+    history = [{**row, "chosen": row["C"] == fit.c} for row in fit.history]
+    return best, FitResult(best_state=None, best_epoch=0, best_val_loss=fit.val_loss, epochs_run=0, history=history)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunSpec, run_dir: Path,
                        initial_variables: InitialVariables | None = None,
-                       classifier_dir: Path | None = None) -> dict[str, Any]:
+                       classifier_dir: Path | None = None, feature_cache: dict | None = None) -> dict[str, Any]:
     """Trains one arm under one protocol, label fraction and seed; tests the best epoch.
 
     Returns a JSON-ready record with the test metrics, plus `test_probabilities` / `test_labels` arrays.
@@ -520,9 +559,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
                      row[f"val_{main_metric}"], row["images_per_second"])
 
     start = time.perf_counter()
-    result = fit_with_early_stopping(state, train_epoch, validate, d.max_epochs, d.patience, log_epoch)
+    if run.protocol == "linear_probe" and d.probe == "logistic_regression":
+        best, result = fit_logistic_probe(config, splits, run, model, variables, indices,
+                                          {} if feature_cache is None else feature_cache)
+    else:
+        result = fit_with_early_stopping(state, train_epoch, validate, d.max_epochs, d.patience, log_epoch)
+        best = variables_of(result.best_state)
     train_seconds = time.perf_counter() - start
-    best = variables_of(result.best_state)
     test = evaluate(model, best, splits.test, config.data, d.eval_batch_size, weights, spec)
     test_metrics = metrics_lib.classification_metrics(test.labels, test.probabilities, multi_label)
     if not multi_label:
@@ -534,7 +577,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
     logging.info("%s best epoch %d of %d | test_loss %.4f | test %s %.4f", tag, result.best_epoch,
                  result.epochs_run, test.loss, main_metric, test_metrics[main_metric])
     record = {
-        "arm": run.arm, "method": method_of(run.init.label), "protocol": run.protocol, "init": run.init.label,
+        "arm": run.arm, "method": method_of(run.init.label), "protocol": run.protocol,
+        "probe": d.probe if run.protocol == "linear_probe" else None, "init": run.init.label,
         "model": run.init.model_name,
         "weights": run.init.weights_path, "label_fraction": run.label_fraction, "seed": run.seed,
         "num_labelled": int(len(indices)), "class_weights": np.asarray(weights).tolist(),
@@ -568,6 +612,7 @@ def run_settings(config: ml_collections.ConfigDict, workdir: str | Path, arms: S
     arm_inits = {(init, arm): resolve_init(config, arm, init, workdir) for init in parse_inits(d.init) for arm in arms}
     splits = splits if splits is not None else load_downstream_data(config)
     initial_variables = InitialVariables(config.data.image_size)
+    feature_cache: dict = {}
     records = []
     for (init, arm), arm_init in arm_inits.items():
         for protocol in protocols:
@@ -577,7 +622,7 @@ def run_settings(config: ml_collections.ConfigDict, workdir: str | Path, arms: S
                     run = RunSpec(arm, protocol, arm_init, float(fraction), int(seed))
                     classifier_dir = None if d.save_models == "none" else workdir / "models" / run.name
                     group.append(train_and_evaluate(config, splits, run, workdir / "downstream" / run.name,
-                                                    initial_variables, classifier_dir))
+                                                    initial_variables, classifier_dir, feature_cache))
                 if d.save_models == "best":
                     keep_best_classifier(group)
                 records += group
