@@ -23,6 +23,7 @@ from cass_jax.port import (
     save_variables,
 )
 from cass_jax.port.convert import _conv_kernel, _linear_kernel
+from tests.test_port import randomise_norms_and_biases, state_dict_numpy
 
 # The test-sized models run on batch 2 at SIZE px, grayscale for unet_ssl4mis_narrow and swin_unet_micro (which
 # repeats it to 3 channels), RGB for unet_resnet_tiny: one input shape per model, so each forward compiles once.
@@ -91,31 +92,15 @@ def nchw(x: np.ndarray):
 
 
 def randomise(torch_model, seed: int = 0):
-    """Random values for every norm parameter and statistic, bias and relative-position-bias table."""
+    """test_port's random norms, statistics and biases, plus random relative-position-bias tables."""
     torch = pytest.importorskip("torch")
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(t, low, high):
-        return low + (high - low) * torch.rand(t.shape, generator=gen)
-
+    randomise_norms_and_biases(torch_model, seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():
-        for name, module in torch_model.named_modules():
-            if isinstance(module, (torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
-                module.weight.copy_(rand(module.weight, 0.5, 1.5))
-                module.bias.copy_(rand(module.bias, -0.2, 0.2))
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.copy_(rand(module.running_mean, -0.2, 0.2))
-                module.running_var.copy_(rand(module.running_var, 0.5, 1.5))
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and module.bias is not None:
-                module.bias.copy_(rand(module.bias, -0.05, 0.05))
         for name, parameter in torch_model.named_parameters():
             if name.endswith("relative_position_bias_table"):
-                parameter.copy_(rand(parameter, -1.0, 1.0))
+                parameter.copy_(-1.0 + 2.0 * torch.rand(parameter.shape, generator=gen))
     return torch_model.eval()
-
-
-def state_dict_numpy(torch_model) -> dict:
-    return {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
 
 
 def timm_swin(seed: int = 0, **kwargs):
