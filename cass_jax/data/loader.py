@@ -38,7 +38,8 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     return num_examples // global_batch_size
 
 
-def _derive_seed(seed: int, stream: int) -> int:
+def derive_seed(seed: int, stream: int) -> int:
+    """An independent seed for one random stream (shuffle, augmentation...) of a pipeline seeded by `seed`."""
     return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
@@ -80,7 +81,8 @@ class NormalizeBatch:
         return batch
 
 
-def _prefetch(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
+def prefetch(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
+    """Reader threads, then (with data.workers > 0) grain worker processes, as data_config says."""
     read_options = grain.ReadOptions(
         num_threads=int(data_config.get("read_threads", 2)),
         prefetch_buffer_size=int(data_config.get("prefetch_batches", 2)),
@@ -96,7 +98,8 @@ def _prefetch(dataset: grain.MapDataset, data_config) -> grain.IterDataset:
     return iterable
 
 
-def _check_shard(shard_index: int, shard_count: int) -> None:
+def check_shard(shard_index: int, shard_count: int) -> None:
+    """Rejects a process index outside [0, shard_count)."""
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}.")
 
@@ -119,7 +122,7 @@ def train_iterator(
     (seed, epoch, its index in `source`), not on workers or sharding. `augment=False` (or
     data.augment="none") gives resize + normalise only.
     """
-    _check_shard(shard_index, shard_count)
+    check_shard(shard_index, shard_count)
     global_batch = batch_size * shard_count
     usable = steps_per_epoch(len(source), global_batch) * global_batch
     if usable == 0:
@@ -136,15 +139,15 @@ def train_iterator(
             jitter_with_rotation=bool(data_config.get("augment_jitter_with_rotation", False)),
             gray_fast_path=gray,
         )
-        dataset = dataset.random_map(transform, seed=_derive_seed(seed, _AUGMENT_STREAM))
+        dataset = dataset.random_map(transform, seed=derive_seed(seed, _AUGMENT_STREAM))
     else:
         dataset = dataset.map(EvalTransform(size, gray))
-    dataset = dataset.shuffle(seed=_derive_seed(seed, _SHUFFLE_STREAM))
+    dataset = dataset.shuffle(seed=derive_seed(seed, _SHUFFLE_STREAM))
     dataset = dataset[:usable][shard_index::shard_count]
     dataset = dataset.batch(
         batch_size, drop_remainder=True, batch_fn=NormalizeBatch(tuple(data_config.mean), tuple(data_config.std))
     )
-    return iter(_prefetch(dataset.repeat(), data_config))
+    return iter(prefetch(dataset.repeat(), data_config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +176,7 @@ def eval_iterator(
     number of full batches; padding repeats example 0 with mask False. Process `shard_index` takes
     every shard_count-th position.
     """
-    _check_shard(shard_index, shard_count)
+    check_shard(shard_index, shard_count)
     global_batch = batch_size * shard_count
     padded = -(-len(source) // global_batch) * global_batch
     if len(source) == 0:
@@ -185,4 +188,4 @@ def eval_iterator(
         drop_remainder=True,
         batch_fn=NormalizeBatch(tuple(data_config.mean), tuple(data_config.std), with_mask=True),
     )
-    return iter(_prefetch(dataset, data_config))
+    return iter(prefetch(dataset, data_config))
