@@ -1,13 +1,10 @@
-"""Downstream evaluation of one arm: fine-tuning or a linear probe, early stopping, then the test split.
+"""Downstream evaluation of one arm: fine-tuning or a linear probe, then the test split; keeps the classifiers.
 
-`mode=finetune` trains every weight (BatchNorm in train mode); `mode=linear_probe` trains only the new
-`head` Dense while the encoder runs in eval mode, so its parameters and BatchNorm statistics stay
-bit-identical. Both use Adam with a cosine-decayed learning rate, stop after `patience` epochs without
-a lower mean validation loss, and are tested with the parameters of the best epoch.
-
-The probe runs the frozen encoder on every (augmented) batch rather than caching features once: it
-then sees the same augmented images as fine-tuning, as in the official code, at the price of one
-encoder forward pass per step (no backward pass through it).
+`mode=finetune` trains every weight (BatchNorm in train mode) with Adam and a cosine-decayed learning rate,
+stops after `patience` epochs without a lower mean validation loss and tests the best epoch. `mode=linear_probe`
+keeps the encoder frozen (eval mode: parameters and BatchNorm statistics bit-identical) and, by default, fits a
+logistic regression on its standardised features (`cass_jax.probe`); `downstream.probe=gradient` trains the
+`head` Dense like fine-tuning instead, on every augmented batch as the official code does.
 """
 
 from __future__ import annotations
