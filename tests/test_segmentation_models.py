@@ -2,8 +2,8 @@
 
 Parity follows tests/test_port.py: random-init timm models with every norm, bias and position-bias value randomised,
 eval mode, 'highest' matmul precision, relative error <= 1e-5; those tests skip without torch/timm. The torch
-renderings of SSL4MIS's U-Net and Swin-UNet decoder and of smp's Unet decoder are written here from the reference
-code's structure, over timm's own ResNet and Swin modules.
+renderings of SSL4MIS's U-Net and Swin-UNet decoder (bench/torch_segmentation.py, shared with the cross-teaching
+benchmark) and of smp's Unet decoder follow the reference code's structure, over timm's own ResNet and Swin modules.
 """
 
 import functools
@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from bench.torch_segmentation import ssl4mis_unet as torch_ssl4mis_unet
+from bench.torch_segmentation import swin_unet_decoder as torch_swin_unet_decoder
 from cass_jax.models import ResNetEncoder, SwinTransformer, UNet, create_model, init_variables
 from cass_jax.port import (
     load_pretrained_encoder,
@@ -244,37 +246,6 @@ def test_resnet34_unet_encoder_matches_timm_stage_by_stage():
 
 # --- whole models against torch renderings of the reference code -----------------------------------------------------
 
-def torch_ssl4mis_unet(feature_channels, in_channels: int, num_classes: int):
-    """SSL4MIS's UNet (code/networks/unet.py: ConvBlock, DownBlock, UpBlock with bilinear=True, Decoder)."""
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-
-    def conv_block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
-                             nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU())
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            ch = feature_channels
-            self.blocks = nn.ModuleList([conv_block(in_channels if i == 0 else ch[i - 1], ch[i]) for i in range(5)])
-            self.reduce = nn.ModuleList([nn.Conv2d(ch[4 - i], ch[3 - i], 1) for i in range(4)])
-            self.up_blocks = nn.ModuleList([conv_block(2 * ch[3 - i], ch[3 - i]) for i in range(4)])
-            self.out_conv = nn.Conv2d(ch[0], num_classes, 3, padding=1)
-
-        def forward(self, x):
-            levels = [self.blocks[0](x)]
-            for block in self.blocks[1:]:
-                levels.append(block(nn.functional.max_pool2d(levels[-1], 2)))
-            x = levels[-1]
-            for i in range(4):
-                up = nn.functional.interpolate(self.reduce[i](x), scale_factor=2, mode="bilinear", align_corners=True)
-                x = self.up_blocks[i](torch.cat([levels[3 - i], up], dim=1))
-            return self.out_conv(x)
-
-    return Net()
-
-
 def flax_tree(leaves: dict) -> dict:
     return traverse_util.unflatten_dict({key: np.asarray(value, np.float32) for key, value in leaves.items()})
 
@@ -296,6 +267,7 @@ def port_conv_bn_pairs(pairs) -> dict:
 
 
 def test_ssl4mis_unet_matches_torch_rendering():
+    pytest.importorskip("torch")
     model, fresh = tiny("unet_ssl4mis_narrow")
     net = randomise(torch_ssl4mis_unet(model.feature_channels, 1, NUM_CLASSES), seed=3)
 
@@ -358,74 +330,6 @@ def test_resnet_unet_matches_smp_style_torch_rendering():
     with torch.no_grad():
         reference = forward(nchw(x)).numpy().transpose(0, 2, 3, 1)
     assert rel_err(jit_apply(model)(variables, jnp.asarray(x)), reference) <= 1e-5
-
-
-def torch_swin_unet_decoder(encoder, embed_dim, depths, num_heads, window_size, grid, num_classes):
-    """SSL4MIS's SwinTransformerSys decoder (layers_up, concat_back_dim, norm_up, up, output) on timm's blocks.
-
-    Patch expanding is written with the definition of einops' 'b h w (p1 p2 c) -> b (h p1) (w p2) c' as strided
-    assignments, not the reshape the model uses.
-    """
-    torch = pytest.importorskip("torch")
-    from timm.models.swin_transformer import SwinTransformerBlock
-
-    nn = torch.nn
-    levels = len(depths)
-
-    def spread(x, scale):
-        batch, height, width, channels = x.shape
-        out = channels // scale**2
-        y = x.new_zeros(batch, height * scale, width * scale, out)
-        for p1 in range(scale):
-            for p2 in range(scale):
-                y[:, p1::scale, p2::scale, :] = x[..., (p1 * scale + p2) * out:(p1 * scale + p2 + 1) * out]
-        return y
-
-    class Expand(nn.Module):
-        def __init__(self, dim, scale, out):
-            super().__init__()
-            self.scale, self.expand, self.norm = scale, nn.Linear(dim, scale**2 * out, bias=False), nn.LayerNorm(out)
-
-        def forward(self, x):
-            return self.norm(spread(self.expand(x), self.scale))
-
-    class Decoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            dims = [embed_dim * 2**level for level in range(levels)]
-            self.layers_up = nn.ModuleList([Expand(dims[-1], 2, dims[-1] // 2)])
-            self.concat_back_dim = nn.ModuleList([nn.Identity()])
-            for step in range(1, levels):
-                level = levels - 1 - step
-                side = grid // 2**level
-                stage = nn.Module()
-                stage.blocks = nn.ModuleList([
-                    SwinTransformerBlock(dims[level], (side, side), num_heads[level], window_size=window_size,
-                                         shift_size=0 if j % 2 == 0 else window_size // 2)
-                    for j in range(depths[level])])
-                stage.upsample = Expand(dims[level], 2, dims[level] // 2) if level > 0 else None
-                self.layers_up.append(stage)
-                self.concat_back_dim.append(nn.Linear(2 * dims[level], dims[level]))
-            self.norm_up, self.up = nn.LayerNorm(embed_dim), Expand(embed_dim, 4, embed_dim)
-            self.output = nn.Conv2d(embed_dim, num_classes, 1, bias=False)
-
-        def forward(self, x):
-            x, skips = encoder.patch_embed(x), []
-            for stage in encoder.layers:  # SSL4MIS keeps each stage's input (after the previous merging) as skip
-                x = stage.downsample(x)
-                skips.append(x)
-                x = stage.blocks(x)
-            x = self.layers_up[0](encoder.norm(x))
-            for step in range(1, levels):
-                x = self.concat_back_dim[step](torch.cat([x, skips[levels - 1 - step]], dim=-1))
-                for block in self.layers_up[step].blocks:
-                    x = block(x)
-                if self.layers_up[step].upsample is not None:
-                    x = self.layers_up[step].upsample(x)
-            x = self.up(self.norm_up(x))
-            return self.output(x.permute(0, 3, 1, 2))
-
-    return Decoder()
 
 
 def port_torch_swin_decoder(state_dict: dict) -> dict:
