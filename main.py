@@ -1,7 +1,11 @@
 """Runs one experiment: `python main.py --config=configs/demo.py [--workdir=runs/demo] [--config.key=value]`."""
 
+import os
 import sys
 from pathlib import Path
+
+# TensorFlow (behind TensorBoard writing and TFDS) prints oneDNN notices on import on some CPUs; it computes nothing here.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax
 from absl import app, flags, logging

@@ -14,20 +14,18 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
-from clu import periodic_actions
 
 from cass_jax import data as data_lib
 from cass_jax import parallel
-from cass_jax.checkpointing import Checkpointer
 from cass_jax.collapse import collapse_indicators, cross_arm_cosine
 from cass_jax.models import create_model, init_variables
 from cass_jax.port import load_pretrained_variables, save_variables
-from cass_jax.reporting import ProgressLine, create_writer, flat_hparams, image_grid
+from cass_jax.reporting import create_writer, flat_hparams, image_grid
 from cass_jax.schedules import make_schedule
 from cass_jax.stabilisers import stabilised_cass_loss, update_centres
+from cass_jax.training_loop import LoopHooks, LoopSettings, run_loop
 from cass_jax.weight_averaging import recompute_batch_stats, running_mean_update
 
 ARMS = ("cnn", "vit")
@@ -157,12 +155,34 @@ def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
                 f"(see the README), or set --config.{arm}.init=random.")
 
 
-def _check_finite(metrics: dict, step: int) -> None:
-    loss, grads = float(metrics["loss"]), [float(metrics[f"grad_norm/{arm}"]) for arm in ARMS]
-    if not np.isfinite([loss, *grads]).all():
-        raise FloatingPointError(
-            f"Non-finite loss or gradient at step {step} (loss={loss}, grad norms={grads}). The run stopped; "
-            "the last checkpoint holds the last good state. Lower the learning rate or use dtype=float32.")
+class CassHooks(LoopHooks):
+    """CASS's additions to the shared loop: the input picture, weight averaging per epoch, per-arm learning
+    rates and the collapse yardstick in TensorBoard, and the collapse monitor."""
+
+    def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int, average_fn):
+        self.config, self.steps_per_epoch, self.average_fn = config, steps_per_epoch, average_fn
+        self.swa_start_epoch = int(config.swa.start_fraction * config.num_epochs)
+        self.collapse_monitor = CollapseMonitor(config.collapse_warning_fraction, config.stop_on_collapse)
+
+    def first_batch(self, batch, writer) -> None:
+        writer.write_images(0, {"augmented_inputs": image_grid(
+            batch["image"], self.config.data.mean, self.config.data.std)[None]})
+
+    def after_step(self, step: int, state: TrainState) -> TrainState:
+        epoch_done = step % self.steps_per_epoch == 0
+        if self.config.swa.enabled and epoch_done and step // self.steps_per_epoch > self.swa_start_epoch:
+            state = self.average_fn(state)
+        return state
+
+    def scalars(self, step: int, state: TrainState) -> dict[str, float]:
+        scalars = {f"lr/{arm}": float(state.opt_state[arm].hyperparams["learning_rate"]) for arm in ARMS}
+        scalars["epoch"] = step / self.steps_per_epoch
+        scalars.update({f"collapse/{arm}_initial_std": float(value)
+                        for arm, value in jax.device_get(state.initial_spread).items()})
+        return scalars
+
+    def after_log(self, step: int, scalars) -> None:
+        self.collapse_monitor.check(step, scalars, {arm: scalars[f"collapse/{arm}_initial_std"] for arm in ARMS})
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
@@ -180,7 +200,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
         raise ValueError(f"The training split has {len(train_source)} images, fewer than one batch "
                          f"(batch_size={config.batch_size}); lower --config.batch_size.")
     total_steps = steps_per_epoch * config.num_epochs
-    swa_start_epoch = int(config.swa.start_fraction * config.num_epochs)
 
     mesh = parallel.data_mesh()
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
@@ -188,7 +207,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
     state = jax.device_put(initial_state(config, arms), replicated)
     step_fn = jax.jit(functools.partial(train_step, arms=arms), in_shardings=(replicated, batch_sharding),
                       out_shardings=(replicated, replicated), donate_argnums=0)
-    average_fn = jax.jit(update_weight_average, donate_argnums=0)
+    hooks = CassHooks(config, steps_per_epoch, jax.jit(update_weight_average, donate_argnums=0))
 
     local_batch_size = parallel.per_process_batch_size(config.batch_size)
     logging.info("process %d of %d reads %d images of each global batch of %d", jax.process_index(),
@@ -196,69 +215,20 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
     iterator = data_lib.train_iterator(
         train_source, config.data, batch_size=local_batch_size, seed=config.seed,
         augment=config.data.augment != "none", shard_index=jax.process_index(), shard_count=jax.process_count())
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints,
-                                every_steps=config.checkpoint_every_steps)
-    start_step = checkpointer.latest_step() or 0
-    if start_step:
-        state = checkpointer.restore(start_step, state, iterator)
-        logging.info("Resumed from the checkpoint at step %d of %d.", start_step, total_steps)
-
     writer = create_writer(workdir)
-    if start_step == 0:
+    if not (workdir / "checkpoints").is_dir():
         writer.write_hparams(flat_hparams(config))
-    progress = ProgressLine(total_steps, config.batch_size, start_step)
-    report_progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
     logging.info("CASS pretraining: %s + %s, %d images, %d steps/epoch, %d epochs, weight averaging from epoch %d.",
                  config.cnn.name, config.vit.name, len(train_source), steps_per_epoch, config.num_epochs,
-                 swa_start_epoch + 1 if config.swa.enabled else -1)
-
-    pending, interval = None, []
-    collapse_monitor = CollapseMonitor(config.collapse_warning_fraction, config.stop_on_collapse)
-    try:
-        for step in range(start_step + 1, total_steps + 1):
-            local_batch = next(iterator)
-            if step == 1:
-                writer.write_images(0, {"augmented_inputs": image_grid(
-                    local_batch["image"], config.data.mean, config.data.std)[None]})
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = step_fn(state, parallel.to_global_batch(local_batch, batch_sharding))
-            if step == start_step + 1:
-                progress.compiled(step)
-            if pending is not None:
-                _check_finite(*pending)
-            pending = (metrics, step)
-            interval.append(metrics)
-            report_progress(step)
-
-            epoch_done = step % steps_per_epoch == 0
-            if config.swa.enabled and epoch_done and step // steps_per_epoch > swa_start_epoch:
-                state = average_fn(state)
-
-            if step % config.log_every_steps == 0 or step == total_steps:
-                scalars = {k: float(v) for k, v in jax.tree.map(lambda *xs: np.mean(xs), *interval).items()}
-                interval = []
-                scalars["lr/cnn"] = float(state.opt_state["cnn"].hyperparams["learning_rate"])
-                scalars["lr/vit"] = float(state.opt_state["vit"].hyperparams["learning_rate"])
-                scalars["images_per_second"] = progress.images_per_second(step)
-                scalars["epoch"] = step / steps_per_epoch
-                scalars.update({f"collapse/{arm}_initial_std": float(value)
-                                for arm, value in jax.device_get(state.initial_spread).items()})
-                writer.write_scalars(step, scalars)
-                progress.log(step, {k: scalars[k] for k in ("loss", "cosine", "lr/cnn", "collapse/cnn_std",
-                                                            "collapse/vit_std")}, scalars["images_per_second"])
-                collapse_monitor.check(step, scalars, {arm: scalars[f"collapse/{arm}_initial_std"] for arm in ARMS})
-
-            halting = config.halt_after_steps > 0 and step - start_step >= config.halt_after_steps
-            if checkpointer.should_save(step) or step == total_steps or halting:
-                _check_finite(*pending)
-                checkpointer.save(step, state, iterator)
-            if halting and step < total_steps:
-                logging.info("Halting at step %d (config.halt_after_steps); rerun the same command to resume.", step)
-                return None
-    finally:
-        checkpointer.wait()
-        writer.flush()
-
+                 hooks.swa_start_epoch + 1 if config.swa.enabled else -1)
+    settings = LoopSettings.from_config(
+        config, total_steps=total_steps, batch_size=config.batch_size,
+        finite_metrics=("loss", *(f"grad_norm/{arm}" for arm in ARMS)),
+        console_metrics=("loss", "cosine", "lr/cnn", "collapse/cnn_std", "collapse/vit_std"))
+    state, finished = run_loop(state, iterator, step_fn, workdir=workdir, settings=settings, writer=writer,
+                               hooks=hooks, to_device=lambda batch: parallel.to_global_batch(batch, batch_sharding))
+    if not finished:
+        return None
     exports = export_arms(config, workdir, arms, state, train_source, steps_per_epoch)
     writer.flush()
     return exports

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import ml_collections
 
-MODES = ("pretrain", "finetune", "linear_probe", "pipeline", "predict")
+MODES = ("pretrain", "finetune", "linear_probe", "pipeline", "predict", "segmentation")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
@@ -24,4 +24,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
     if config.mode == "predict":
         from cass_jax.inference import run_predict
         return run_predict(config, workdir)
+    if config.mode == "segmentation":
+        from cass_jax.segmentation.train import run_segmentation
+        return run_segmentation(config, workdir)
     raise ValueError(f"Unknown config.mode={config.mode!r}; use one of {', '.join(MODES)}.")

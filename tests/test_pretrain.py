@@ -143,7 +143,7 @@ def test_real_brain_mri_smoke_run(tmp_path):
 def test_non_finite_loss_stops_with_the_step_and_keeps_a_good_checkpoint(tmp_path):
     config = tiny_config(checkpoint_every_steps=1, **{"optim.cnn_lr": 1e30, "optim.vit_lr": 1e30,
                                                        "optim.schedule": "constant"})
-    with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step (\d+)") as error:
+    with pytest.raises(FloatingPointError, match=r"Non-finite .*at step (\d+)") as error:
         pretrain(config, tmp_path)
     bad_step = int(__import__("re").search(r"step (\d+)", str(error.value)).group(1))
     last_saved = ocp.CheckpointManager(tmp_path / "checkpoints").latest_step()

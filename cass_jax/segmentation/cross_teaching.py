@@ -34,7 +34,7 @@ class CrossTeachingConfig:
     """The networks and SSL4MIS's training settings (its argparse defaults); `*_init` "random" or a weights file."""
 
     cnn: str = "unet_ssl4mis"
-    transformer: str = "swin_unet_tiny"
+    transformer: str = "swin_unet_tiny"  # "": the CNN alone (supervised baselines of one network)
     cnn_init: str = "random"
     transformer_init: str = "random"  # SSL4MIS loads ImageNet Swin-T (`load_from`): pass its ported file here
     num_classes: int = 4
@@ -70,9 +70,14 @@ class Networks:
     """The two modules, the optimizer and the settings; static, closed over by the jitted step."""
 
     cnn: nn.Module
-    transformer: nn.Module
+    transformer: nn.Module | None
     optimizer: optax.GradientTransformation
     config: CrossTeachingConfig
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The networks trained: both, or the CNN alone when no transformer is configured."""
+        return NETWORKS if self.transformer is not None else NETWORKS[:1]
 
     def module(self, name: str) -> nn.Module:
         return getattr(self, name)
@@ -97,7 +102,7 @@ def learning_rate(config: CrossTeachingConfig, step: jax.Array | int) -> jax.Arr
     return config.base_lr * (1.0 - fraction) ** config.poly_power
 
 
-def _build_module(name: str, config: CrossTeachingConfig) -> nn.Module:
+def build_module(name: str, config: CrossTeachingConfig) -> nn.Module:
     model = create_model(name, num_classes=config.num_classes, dtype=jnp.dtype(config.dtype))
     if isinstance(model, UNet) and model.in_channels != config.in_channels:
         model = model.clone(in_channels=config.in_channels)
@@ -108,8 +113,12 @@ def _build_module(name: str, config: CrossTeachingConfig) -> nn.Module:
 
 def build_networks(config: CrossTeachingConfig) -> Networks:
     """The CNN and Transformer named in the config (num_classes outputs) and SGD with poly decay."""
-    return Networks(cnn=_build_module(config.cnn, config), transformer=_build_module(config.transformer, config),
-                    optimizer=sgd_poly(config), config=config)
+    if config.cross_teaching and not config.transformer:
+        raise ValueError("Cross teaching needs two networks: set the transformer (e.g. swin_unet_tiny), or train the "
+                         "CNN alone with cross_teaching=False.")
+    transformer = build_module(config.transformer, config) if config.transformer else None
+    return Networks(cnn=build_module(config.cnn, config), transformer=transformer, optimizer=sgd_poly(config),
+                    config=config)
 
 
 def init(config: CrossTeachingConfig, rng: jax.Array, networks: Networks | None = None) -> CrossTeachingState:
@@ -117,16 +126,16 @@ def init(config: CrossTeachingConfig, rng: jax.Array, networks: Networks | None 
     networks = networks or build_networks(config)
     rng, *network_rngs = jax.random.split(rng, 1 + len(NETWORKS))
     variables = {}
-    for name, network_rng in zip(NETWORKS, network_rngs):
+    for name, network_rng in zip(networks.names, network_rngs):
         model, source = networks.module(name), getattr(config, f"{name}_init")
         variables[name] = (init_variables(model, network_rng, config.image_size) if source == "random"
                            else load_pretrained_encoder(source, model, network_rng, config.image_size))
-    params = {name: variables[name]["params"] for name in NETWORKS}
+    params = {name: variables[name]["params"] for name in networks.names}
     return CrossTeachingState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats={name: variables[name].get("batch_stats", {}) for name in NETWORKS},
-        opt_state={name: jax.jit(networks.optimizer.init)(params[name]) for name in NETWORKS},
+        batch_stats={name: variables[name].get("batch_stats", {}) for name in networks.names},
+        opt_state={name: jax.jit(networks.optimizer.init)(params[name]) for name in networks.names},
         rng=rng)
 
 
@@ -152,7 +161,7 @@ def segmentation_losses(params: dict, batch_stats: dict, batch: dict[str, jax.Ar
     images = jnp.concatenate([labeled, batch["unlabeled_image"]]) if cross_teaching else labeled
     count = labeled.shape[0]
     probabilities, new_batch_stats, terms = {}, {}, {}
-    for name, network_rng in zip(NETWORKS, jax.random.split(rng, len(NETWORKS))):
+    for name, network_rng in zip(networks.names, jax.random.split(rng, len(NETWORKS))):
         logits, new_batch_stats[name] = _forward_train(networks.module(name), params[name], batch_stats[name],
                                                        images, network_rng)
         probabilities[name] = jax.nn.softmax(logits, axis=-1)
@@ -160,7 +169,7 @@ def segmentation_losses(params: dict, batch_stats: dict, batch: dict[str, jax.Ar
         dice = dice_loss(probabilities[name][:count], masks, num_classes)
         terms[name] = {"cross_entropy": ce, "dice_loss": dice, "supervised_loss": 0.5 * (ce + dice)}
     total = 0.0
-    for name, other in zip(NETWORKS, reversed(NETWORKS)):
+    for name, other in zip(networks.names, reversed(networks.names)):
         loss = terms[name]["supervised_loss"]
         if cross_teaching:
             pseudo_labels = jax.lax.stop_gradient(jnp.argmax(probabilities[other][count:], axis=-1))
@@ -183,14 +192,14 @@ def train_step(state: CrossTeachingState, batch: dict[str, jax.Array], rng: jax.
     (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.batch_stats, batch, rng, weight)
     params, opt_state = {}, {}
-    for name in NETWORKS:
+    for name in networks.names:
         updates, opt_state[name] = networks.optimizer.update(grads[name], state.opt_state[name], state.params[name])
         params[name] = optax.apply_updates(state.params[name], updates)
     metrics = {"loss": loss, "learning_rate": learning_rate(config, state.step)}
     if cross_teaching:
         metrics["consistency_weight"] = weight
         metrics["pseudo_label_agreement"] = terms.pop("pseudo_label_agreement")
-    for name in NETWORKS:
+    for name in networks.names:
         metrics.update({f"{name}/{term}": value for term, value in terms[name].items()})
         metrics[f"{name}/grad_norm"] = optax.tree.norm(grads[name])
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
@@ -243,7 +252,7 @@ def evaluate(state: CrossTeachingState, source: SegmentationSource, networks: Ne
              **kwargs: Any) -> dict[str, dict[str, Any]]:
     """Per-volume and per-slice Dice, IoU and HD95 of each network on `source` (evaluation.evaluate_volumes)."""
     results = {}
-    for name in NETWORKS:
+    for name in networks.names:
         variables, model = network_variables(state, name), networks.module(name)
         results[name] = evaluate_volumes(lambda images: np.asarray(predict_labels(variables, images, model=model)),
                                          source, image_size=networks.config.image_size, batch_size=batch_size,
@@ -278,7 +287,7 @@ class CrossTeaching:
         return self.jitted_step(state, batch, jax.random.fold_in(state.rng, state.step))
 
     def backbones(self, state: CrossTeachingState) -> dict[str, dict]:
-        return {name: network_variables(state, name) for name in NETWORKS}
+        return {name: network_variables(state, name) for name in self.networks.names}
 
     def evaluate(self, state: CrossTeachingState, source: SegmentationSource, **kwargs: Any) -> dict:
         return evaluate(state, source, self.networks, **kwargs)

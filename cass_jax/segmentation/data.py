@@ -68,6 +68,16 @@ def read_mask(path: str, num_classes: int) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+def read_image(path: str | Path, channels: int = 1, decode_options: DecodeOptions = DecodeOptions()) -> np.ndarray:
+    """An image file -> uint8 gray (H, W) (`channels=1`, PIL's luma) or RGB (H, W, 3); DataError naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"Cannot read image {path}: {error}. Restore the file or remove its pair.") from error
+    rgb = decode_image(data, str(path), decode_options)
+    return np.asarray(Image.fromarray(rgb).convert("L")) if channels == 1 else rgb
+
+
 class SegmentationSource:
     """Image/mask file pairs addressable by position, with patient, volume and slice of each.
 
@@ -135,13 +145,7 @@ class SegmentationSource:
         return other
 
     def load_image(self, row: int) -> np.ndarray:
-        path = str(self._image_paths[row])
-        try:
-            data = Path(path).read_bytes()
-        except OSError as error:
-            raise DataError(f"Cannot read image {path}: {error}. Restore the file or remove its pair.") from error
-        rgb = decode_image(data, path, self.decode_options)
-        return np.asarray(Image.fromarray(rgb).convert("L")) if self.channels == 1 else rgb
+        return read_image(str(self._image_paths[row]), self.channels, self.decode_options)
 
     def load_pair(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         image = self.load_image(row)

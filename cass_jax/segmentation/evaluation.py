@@ -65,24 +65,34 @@ def segment_slices(predict: Predictor, images: np.ndarray, image_size: int, batc
 
 def evaluate_volumes(predict: Predictor, source: SegmentationSource, *, image_size: int, batch_size: int = 16,
                      spacing: tuple[float, ...] | None = None, empty_policy: str = "ssl4mis",
-                     slice_empty_policy: str = "ignore_empty_reference", read_threads: int = 2) -> dict[str, Any]:
+                     slice_empty_policy: str = "ignore_empty_reference", read_threads: int = 2,
+                     keep_predictions: bool = False, slice_scores: bool = True) -> dict[str, Any]:
     """Scores `predict` on every volume of `source`, in 3D per volume and in 2D per slice.
 
     Returns {"summary": {"volume/dice/class_1", ..., "volume/hd95/mean", "slice/dice/mean", ...},
     "volumes": {volume id: {"dice", "iou", "hd95"}}, "slices": {slice id: {...}}}, per-class arrays over the
-    foreground classes. Volume scores use `empty_policy` (SSL4MIS's by default); slice scores default to ignoring
+    foreground classes (`slice_scores=False` skips the per-slice part, for quick validation), and with
+    `keep_predictions` "predictions": {slice id: uint8 label map at the slice's size}.
+    Volume scores use `empty_policy` (SSL4MIS's by default); slice scores default to ignoring
     slices where a structure is absent (SSL4MIS has no slice-level convention; its rule would score an empty slice
     predicted empty as Dice 0), see metrics.structure_scores.
     """
     num_classes = source.num_classes
     volumes = grain.MapDataset.source(VolumeSource.of(source)).to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2))
-    per_volume, per_slice = {}, {}
+    per_volume, per_slice, predictions = {}, {}, {}
     for volume in volumes:
         prediction = segment_slices(predict, volume["image"], image_size, batch_size)
         per_volume[volume["volume"]] = class_scores(prediction, volume["mask"], num_classes, spacing, empty_policy)
         slice_spacing = None if spacing is None else tuple(spacing)[1:]
         for slice_id, predicted, reference in zip(volume["ids"], prediction, volume["mask"]):
-            per_slice[slice_id] = class_scores(predicted, reference, num_classes, slice_spacing, slice_empty_policy)
-    summary = {**mean_scores(list(per_volume.values()), "volume/"), **mean_scores(list(per_slice.values()), "slice/")}
-    return {"summary": summary, "volumes": per_volume, "slices": per_slice}
+            if slice_scores:
+                per_slice[slice_id] = class_scores(predicted, reference, num_classes, slice_spacing,
+                                                   slice_empty_policy)
+            if keep_predictions:
+                predictions[slice_id] = predicted
+    summary = mean_scores(list(per_volume.values()), "volume/")
+    if slice_scores:
+        summary.update(mean_scores(list(per_slice.values()), "slice/"))
+    result = {"summary": summary, "volumes": per_volume, "slices": per_slice}
+    return {**result, "predictions": predictions} if keep_predictions else result
