@@ -4,7 +4,7 @@ from pathlib import Path
 
 import ml_collections
 
-MODES = ("pretrain", "finetune", "linear_probe", "pipeline", "predict", "segmentation")
+MODES = ("pretrain", "finetune", "linear_probe", "pipeline", "predict", "segmentation", "segment")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
@@ -27,4 +27,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> object:
     if config.mode == "segmentation":
         from cass_jax.segmentation.train import run_segmentation
         return run_segmentation(config, workdir)
+    if config.mode == "segment":
+        from cass_jax.segmentation.predict import run_segment
+        return run_segment(config, workdir)
     raise ValueError(f"Unknown config.mode={config.mode!r}; use one of {', '.join(MODES)}.")

@@ -169,3 +169,47 @@ def test_results_table_shows_mean_std_and_interval():
     table = seg_train.results_table(records, ("background", "rv"))
     # mean 0.6, std 0.1, t(0.975, 2) = 4.3027 -> half width 0.2484
     assert "| cross_teaching | m | 0.6000 +- 0.1000 [0.3516, 0.8484] (n=3) |" in table
+
+
+def test_segment_mode_writes_masks_for_new_images_and_skips_unreadable_ones(straight_run, dataset, tmp_path):
+    from cass_jax.segmentation.predict import default_segment_config, run_segment
+    inputs = tmp_path / "new"
+    (inputs / "nested").mkdir(parents=True)
+    images = sorted((dataset / "test" / "images").glob("*.png"))[:2]
+    (inputs / images[0].name).write_bytes(images[0].read_bytes())
+    (inputs / "nested" / images[1].name).write_bytes(images[1].read_bytes())
+    (inputs / "broken.png").write_bytes(b"not an image")
+    config = default_segment_config()
+    model = straight_run / "runs" / "cross_teaching_fraction0.5_seed0" / "models" / "transformer"
+    config.model, config.input, config.overlays = str(model), str(inputs), True
+    summary = run_segment(config, tmp_path / "out")
+    assert summary["images"] == 2 and summary["errors"] == 1
+    run_masks = straight_run / "runs" / "cross_teaching_fraction0.5_seed0" / "masks" / "transformer"
+    for written, image in ((tmp_path / "out" / "masks" / images[0].name, images[0]),
+                           (tmp_path / "out" / "masks" / "nested" / images[1].name, images[1])):
+        np.testing.assert_array_equal(np.asarray(Image.open(written)), np.asarray(Image.open(run_masks / image.name)))
+        assert (tmp_path / "out" / "overlays" / written.relative_to(tmp_path / "out" / "masks")).is_file()
+    errors = (tmp_path / "out" / "errors.csv").read_text().splitlines()
+    assert len(errors) == 2 and "broken.png" in errors[1]
+
+
+def test_bad_inputs_stop_with_one_line_errors(dataset, tmp_path):
+    broken = tmp_path / "broken"
+    for split in ("train", "val", "test"):
+        for folder in ("images", "masks"):
+            (broken / split / folder).mkdir(parents=True)
+            for path in (dataset / split / folder).glob("*.png"):
+                (broken / split / folder / path.name).write_bytes(path.read_bytes())
+    bad_mask = broken / "val" / "masks" / "p06_v1_s2.png"
+    values = np.asarray(Image.open(bad_mask)).copy()
+    values[0, 0] = 5
+    Image.fromarray(values).save(bad_mask)
+    result = run_main(broken, tmp_path / "run")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "p06_v1_s2.png" in last and "class value 5" in last, last
+
+    result = run_main(dataset, tmp_path / "run2", **{"network.image_size": 100})
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "img_size=100" in last and "nearest valid sizes" in last, last

@@ -24,21 +24,22 @@ def _resnet_tiny(num_classes: int, dtype: Any, kernel_grad: str = "auto") -> Res
 
 def _vit(width: str, patch_size: int, default_img_size: int) -> Callable[..., VisionTransformer]:
     def build(num_classes: int, dtype: Any, img_size: int = default_img_size, kernel_grad: str = "auto",
-              last_block_class_token_only: bool = True) -> VisionTransformer:
+              last_block_class_token_only: bool = True, interpolate_pos_encoding: bool = False) -> VisionTransformer:
         return VisionTransformer(
             img_size=img_size, patch_size=patch_size, num_classes=num_classes, dtype=dtype, kernel_grad=kernel_grad,
-            last_block_class_token_only=last_block_class_token_only, **VIT_WIDTHS[width],
+            last_block_class_token_only=last_block_class_token_only,
+            interpolate_pos_encoding=interpolate_pos_encoding, **VIT_WIDTHS[width],
         )
 
     return build
 
 
 def _vit_micro(num_classes: int, dtype: Any, img_size: int = 224, kernel_grad: str = "auto",
-               last_block_class_token_only: bool = True) -> VisionTransformer:
+               last_block_class_token_only: bool = True, interpolate_pos_encoding: bool = False) -> VisionTransformer:
     return VisionTransformer(
         img_size=img_size, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0,
         num_classes=num_classes, dtype=dtype, kernel_grad=kernel_grad,
-        last_block_class_token_only=last_block_class_token_only,
+        last_block_class_token_only=last_block_class_token_only, interpolate_pos_encoding=interpolate_pos_encoding,
     )
 
 
@@ -81,6 +82,8 @@ SEGMENTATION_BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "swin_unet_tiny": _swin_unet(96, (2, 2, 2, 2), (3, 6, 12, 24), 7, 224),
     # Three stages (grids 16, 8, 4 at 64 px): shifted windows at two levels, a single window at the third.
     "swin_unet_micro": _swin_unet(16, (2, 2, 2), (1, 2, 4), 4, 64),
+    # A CPU-budget Swin-UNet: half Swin-T's width with its first three stages' heads, window 4, 64 px.
+    "swin_unet_mini": _swin_unet(48, (2, 2, 2), (3, 6, 12), 4, 64),
 }
 
 MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -103,8 +106,8 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32, *
     """Builds a model by timm name (`resnet50`, `vit_base_patch16_384`, ...).
 
     `num_classes=0` removes the head (the model returns pooled features). ViTs accept `img_size=` to
-    override the size in the name and `last_block_class_token_only=` (VisionTransformer); both families accept
-    `kernel_grad=` ("auto", "xla" or "matmul", see models.kernel_grad). Segmentation models (SEGMENTATION_BUILDERS)
+    override the size in the name, `last_block_class_token_only=` and `interpolate_pos_encoding=`
+    (VisionTransformer); both families accept `kernel_grad=` ("auto", "xla" or "matmul", see models.kernel_grad). Segmentation models (SEGMENTATION_BUILDERS)
     need num_classes >= 1 and accept `in_channels=`; Swin-UNets also `img_size=`, `depths=`, `drop_path_rate=`.
     """
     if name not in MODEL_BUILDERS:

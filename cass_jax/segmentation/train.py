@@ -326,6 +326,8 @@ def run_segmentation(config: ml_collections.ConfigDict, workdir: str | Path) -> 
     for name, source in sources.items():
         if len(source) == 0:
             raise ValueError(f"The {name} split of {config.data.path} is empty.")
+        if config.data.check_pairs:
+            source.check()  # a bad mask fails here, in one line naming it, not in a data worker mid-run
     runs = planned_runs(config)
     logging.info("Segmentation: %d runs (%s), %d iterations each.", len(runs),
                  ", ".join(sorted({r.method for r in runs})), config.max_iterations)
