@@ -98,6 +98,16 @@ def test_results_hold_dice_iou_hd95_per_class_for_both_methods(straight_run):
     assert "| cross_teaching | swin_unet_micro |" in table and "## Dice disc" in table
 
 
+def test_tensorboard_has_losses_rampup_validation_and_pictures(straight_run):
+    from tests.test_pretrain import read_events
+    scalars, tags = read_events(straight_run / "runs" / "cross_teaching_fraction0.5_seed0")
+    for tag in ("loss", "cnn/supervised_loss", "transformer/pseudo_label_loss", "consistency_weight",
+                "learning_rate", "pseudo_label_agreement", "val/cnn/dice", "val/transformer/hd95"):
+        assert tag in scalars, tag
+    assert len(scalars["val/cnn/dice"]) == 3  # steps 8, 16, 24
+    assert {"validation_predictions", "augmented_labeled"} <= tags
+
+
 def test_predicted_masks_have_the_images_sizes_and_only_class_values(straight_run, dataset):
     masks = sorted((straight_run / "runs" / "cross_teaching_fraction0.5_seed0" / "masks" / "transformer").glob("*.png"))
     assert [m.name for m in masks] == sorted(p.name for p in (dataset / "test" / "images").glob("*.png"))

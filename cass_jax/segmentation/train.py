@@ -152,7 +152,6 @@ class SegmentationHooks(LoopHooks):
                  best: BestWeights, steps_per_epoch: int):
         self.method, self.config, self.validation, self.best = method, config, validation, best
         self.steps_per_epoch = steps_per_epoch
-        self.latest: dict[str, float] = {}
         picture_rows = np.linspace(0, len(validation) - 1, min(config.picture_images, len(validation))).astype(int)
         self.picture_records = [validation[int(i)] for i in picture_rows]
 
@@ -162,7 +161,7 @@ class SegmentationHooks(LoopHooks):
             labeled, np.asarray(batch["labeled_mask"])[:4], {})[None]})
 
     def scalars(self, step: int, state: CrossTeachingState) -> dict[str, float]:
-        return {"epoch": step / self.steps_per_epoch, **self.latest}
+        return {"epoch": step / self.steps_per_epoch}
 
     def periodic(self, step: int, state: CrossTeachingState, writer) -> None:
         total = self.config.max_iterations
@@ -176,7 +175,6 @@ class SegmentationHooks(LoopHooks):
             for key in ("volume/dice/mean", "volume/iou/mean", "volume/hd95/mean"):
                 scalars[f"val/{name}/{key.split('/')[1]}"] = summary[key]
             self.best.offer(name, step, summary["volume/dice/mean"], self.method.backbones(state)[name])
-        self.latest = {f"val/{name}/dice": scalars[f"val/{name}/dice"] for name in results}
         writer.write_scalars(step, scalars)
         writer.write_images(step, {"validation_predictions": self.picture(state)[None]})
         logging.info("validation at step %d: %s", step, " | ".join(
@@ -216,8 +214,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, run: Run,
     hooks = SegmentationHooks(method, config, sources["val"], best, steps_per_epoch)
     names = method.networks.names
     console = ("loss", *(f"{name}/supervised_loss" for name in names),
-               *(("consistency_weight", "pseudo_label_agreement") if step_config.cross_teaching else ()),
-               *(f"val/{name}/dice" for name in names))
+               *(("consistency_weight", "pseudo_label_agreement") if step_config.cross_teaching else ()))
     settings = LoopSettings.from_config(
         config, total_steps=config.max_iterations,
         batch_size=step_config.labeled_batch_size + step_config.unlabeled_batch_size,
