@@ -31,7 +31,7 @@ def measure_jax(variant: str, batch: int, size: int, iters: int, dtype: str, ker
 
     sys.path.insert(0, str(REPO))
     from cass_jax import parallel
-    from cass_jax.pretrain import build_arms, initial_state, train_step
+    from cass_jax.methods.cass import build_arms, initial_state, train_step
     from configs.common import base_config
 
     config = base_config()

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cass_jax.pretrain import build_arms, initial_state, train_step
+from cass_jax.methods.cass import build_arms, initial_state, train_step
 from configs.common import base_config
 
 ARMS = {"big": ("resnet50", "vit_base_patch16_224"), "small": ("resnet18", "vit_tiny_patch16_224")}

@@ -335,9 +335,14 @@ def resolve_init(config: ml_collections.ConfigDict, arm: str, init: str, workdir
         exports = read_exports(export_root)
         if exports is None:
             raise FileNotFoundError(
-                f"downstream.init={init!r} needs a finished CASS pretraining: {export_root / 'export' / 'arms.json'} "
+                f"downstream.init={init!r} needs a finished pretraining: {export_root / 'export' / 'arms.json'} "
                 "does not exist. Run mode=pretrain (or mode=pipeline) with this workdir first, point "
                 "downstream.pretrain_workdir at one, or set downstream.init=random.")
+        if arm not in exports:
+            raise ValueError(
+                f"downstream.init={init!r} for the {arm!r} arm, but the pretraining export in {export_root} holds "
+                f"{', '.join(exports)} (method {next(iter(exports.values())).get('method', 'cass')}); set "
+                f"--config.downstream.arms to the exported arms.")
         entry = exports[arm]
         use_average = init == "cass" and config.downstream.use_swa
         if use_average and "swa" not in entry:

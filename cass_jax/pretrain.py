@@ -1,152 +1,62 @@
-"""CASS pretraining: the train state, the jitted two-arm step, and the loop. Start reading here.
+"""Self-supervised pretraining, for every method: build the method, feed it its views, run the loop, export.
 
-One augmented batch goes through a CNN and a ViT; the loss pulls their L2-normalised logits together
-(`cass_loss`); both arms take an Adam step in the same jitted function. No labels are used.
+`config.method` picks the method ("cass", "dino" or "barlow_twins"; each a module of `cass_jax.methods`). This
+driver owns what they share: data, multi-device sharding, `training_loop.run_loop` (checkpoint and exact resume,
+TensorBoard, progress, NaN stop), the collapse monitor, weight averaging and the export to
+`export/<arm>.msgpack` + `export/arms.json`, which `downstream.init`, the pipeline and `load_classifier` read.
 """
 
-import dataclasses
-import functools
+from __future__ import annotations
+
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 
 from cass_jax import data as data_lib
 from cass_jax import parallel
-from cass_jax.collapse import collapse_indicators, cross_arm_cosine
-from cass_jax.models import create_model, init_variables
-from cass_jax.port import load_pretrained_variables, save_variables
+from cass_jax.methods import barlow_twins, cass, dino
+from cass_jax.methods.base import Method, MethodState
+from cass_jax.port import save_variables
 from cass_jax.reporting import create_writer, flat_hparams, image_grid
-from cass_jax.schedules import make_schedule
-from cass_jax.stabilisers import stabilised_cass_loss, update_centres
 from cass_jax.training_loop import LoopHooks, LoopSettings, run_loop
 from cass_jax.weight_averaging import recompute_batch_stats, running_mean_update
 
-ARMS = ("cnn", "vit")
+METHODS: dict[str, Callable[[ml_collections.ConfigDict, int, int], Method]] = {
+    "cass": cass.build,
+    "dino": dino.build,
+    "barlow_twins": barlow_twins.build,
+}
+TITLES = {"cass": "CASS", "dino": "DINO", "barlow_twins": "Barlow Twins"}
 
 
-@flax.struct.dataclass
-class TrainState:
-    """Everything a resumed run needs, as one pytree (checkpointed whole by orbax)."""
-    step: jnp.ndarray
-    params: dict[str, Any]            # {"cnn": ..., "vit": ...}
-    batch_stats: dict[str, Any]       # {"cnn": ...}: the ViT has none
-    opt_state: dict[str, Any]         # {"cnn": ..., "vit": ...}
-    swa_params: dict[str, Any]        # running mean of params, per arm
-    swa_count: jnp.ndarray            # snapshots in the mean
-    centres: dict[str, jnp.ndarray]   # running mean output per arm (used by the centring stabiliser only)
-    initial_spread: dict[str, jnp.ndarray]  # each arm's collapse/*_std at the first step, the collapse yardstick
-    rng: jnp.ndarray                  # base key; each step folds in its number
+def method_name(config: ml_collections.ConfigDict) -> str:
+    """`config.method` ("cass" when the config predates methods), checked."""
+    name = config.get("method", "cass")
+    if name not in METHODS:
+        raise ValueError(f"Unknown config.method={name!r}; use one of {', '.join(METHODS)}.")
+    return name
 
 
-@dataclasses.dataclass(frozen=True)
-class Arms:
-    """The two modules and their optimizers; static, closed over by the jitted step."""
-    cnn: flax.linen.Module
-    vit: flax.linen.Module
-    optimizers: dict[str, optax.GradientTransformation]
-    loss: ml_collections.ConfigDict   # term weights: the paper's cosine, and opt-in stabilisers
+def build_method(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> Method:
+    """The method `config.method` names, built for a run of `total_steps`."""
+    return METHODS[method_name(config)](config, total_steps, steps_per_epoch)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], arms: Arms) -> tuple[TrainState, dict]:
-    """One CASS step: same images through both arms, cosine loss between logits, Adam update of both.
-
-    With the default `config.loss` the loss is exactly `cass_loss`; stabiliser terms join it when weighted.
-    """
-    rng = jax.random.fold_in(state.rng, state.step)
-    images = batch["image"]
-
-    def loss_fn(params):
-        cnn_logits, cnn_updates = arms.cnn.apply(
-            {"params": params["cnn"], "batch_stats": state.batch_stats["cnn"]},
-            images, train=True, mutable=["batch_stats"])
-        vit_logits = arms.vit.apply({"params": params["vit"]}, images, train=True, rngs={"dropout": rng})
-        loss, terms = stabilised_cass_loss(cnn_logits, vit_logits, state.centres, arms.loss)
-        return loss, (cnn_updates["batch_stats"], cnn_logits, vit_logits, terms)
-
-    (loss, (cnn_batch_stats, cnn_logits, vit_logits, terms)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-
-    params, opt_state = {}, {}
-    for arm in ARMS:
-        updates, opt_state[arm] = arms.optimizers[arm].update(grads[arm], state.opt_state[arm], state.params[arm])
-        params[arm] = optax.apply_updates(state.params[arm], updates)
-
-    metrics = {"loss": loss, "cosine": cross_arm_cosine(cnn_logits, vit_logits),
-               **{f"loss/{name}": value for name, value in terms.items()}}
-    for arm, logits in (("cnn", cnn_logits), ("vit", vit_logits)):
-        metrics[f"grad_norm/{arm}"] = optax.tree.norm(grads[arm])
-        metrics[f"param_norm/{arm}"] = optax.tree.norm(params[arm])
-        for name, value in collapse_indicators(logits).items():
-            metrics[f"collapse/{arm}_{name}"] = value
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              batch_stats={"cnn": cnn_batch_stats},
-                              centres=update_centres(state.centres, cnn_logits, vit_logits,
-                                                     arms.loss.centring_momentum),
-                              initial_spread={arm: jnp.where(state.step == 0, metrics[f"collapse/{arm}_std"],
-                                                             state.initial_spread[arm]) for arm in ARMS})
-    return new_state, metrics
-
-
-def update_weight_average(state: TrainState) -> TrainState:
-    """Adds the current parameters to the running mean (called once per epoch in the averaging window)."""
-    return state.replace(swa_params=running_mean_update(state.swa_params, state.params, state.swa_count),
+def update_weight_average(state: MethodState, method: Method) -> MethodState:
+    """Adds the exported backbones' current parameters to the running mean (once per epoch in the window)."""
+    current = {arm: variables["params"] for arm, variables in method.backbone_variables(state).items()}
+    return state.replace(swa_params=running_mean_update(state.swa_params, current, state.swa_count),
                          swa_count=state.swa_count + 1)
 
 
-def build_arms(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int) -> Arms:
-    """The CNN and ViT modules named in the config, and one Adam per arm with its own lr schedule."""
-    dtype = jnp.dtype(config.dtype)
-    cnn = create_model(config.cnn.name, num_classes=config.cnn.num_classes, dtype=dtype,
-                       kernel_grad=config.cnn.kernel_grad)
-    vit = create_model(config.vit.name, num_classes=config.vit.num_classes, dtype=dtype,
-                       img_size=config.data.image_size, kernel_grad=config.vit.kernel_grad,
-                       last_block_class_token_only=config.vit.last_block_class_token_only)
-    if cnn.num_classes != vit.num_classes:
-        raise ValueError(f"config.cnn.num_classes={config.cnn.num_classes} and config.vit.num_classes="
-                         f"{config.vit.num_classes} differ: CASS compares the two arms' outputs, so make them equal.")
-    optimizers = {}
-    for arm in ARMS:
-        schedule = make_schedule(
-            config.optim.schedule, config.optim[f"{arm}_lr"], total_steps, min_lr=config.optim.min_lr,
-            warmup_steps=int(config.optim.warmup_epochs * steps_per_epoch),
-            reference_t_max=config.optim.reference_t_max)
-        optimizers[arm] = optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
-    return Arms(cnn=cnn, vit=vit, optimizers=optimizers, loss=config.loss)
-
-
-def initial_state(config: ml_collections.ConfigDict, arms: Arms) -> TrainState:
-    """Fresh state: each arm random or loaded from a ported/exported weights file (`cnn.init`, `vit.init`)."""
-    rng = jax.random.PRNGKey(config.seed)
-    rng, cnn_rng, vit_rng = jax.random.split(rng, 3)
-    size = config.data.image_size
-    variables = {}
-    for arm, model, arm_rng in (("cnn", arms.cnn, cnn_rng), ("vit", arms.vit, vit_rng)):
-        init = config[arm].init
-        variables[arm] = (init_variables(model, arm_rng, size) if init == "random"
-                          else load_pretrained_variables(init, model, size, arm_rng))
-    params = {arm: variables[arm]["params"] for arm in ARMS}
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats={"cnn": variables["cnn"].get("batch_stats", {})},
-        opt_state={arm: arms.optimizers[arm].init(params[arm]) for arm in ARMS},
-        swa_params=jax.tree.map(jnp.copy, params),
-        swa_count=jnp.zeros((), jnp.int32),
-        centres={arm: jnp.zeros((arms.cnn.num_classes or arms.cnn.num_features,), jnp.float32) for arm in ARMS},
-        initial_spread={arm: jnp.zeros((), jnp.float32) for arm in ARMS},
-        rng=rng)
-
-
-def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
+def check_inputs_exist(config: ml_collections.ConfigDict, arms: tuple[str, ...]) -> None:
     """Fails before anything compiles when a weights file named in the config is missing."""
-    for arm in ARMS:
+    for arm in arms:
         init = config[arm].init
         if init != "random" and not Path(init).is_file():
             raise FileNotFoundError(
@@ -155,44 +65,48 @@ def check_inputs_exist(config: ml_collections.ConfigDict) -> None:
                 f"(see the README), or set --config.{arm}.init=random.")
 
 
-class CassHooks(LoopHooks):
-    """CASS's additions to the shared loop: the input picture, weight averaging per epoch, per-arm learning
-    rates and the collapse yardstick in TensorBoard, and the collapse monitor."""
+class PretrainHooks(LoopHooks):
+    """The driver's additions to the shared loop: the input picture, weight averaging per epoch, the method's
+    scalars (learning rates, schedules) and the collapse yardstick in TensorBoard, and the collapse monitor."""
 
-    def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int, average_fn):
-        self.config, self.steps_per_epoch, self.average_fn = config, steps_per_epoch, average_fn
+    def __init__(self, config: ml_collections.ConfigDict, method: Method, steps_per_epoch: int):
+        self.config, self.method, self.steps_per_epoch = config, method, steps_per_epoch
+        self.average_fn = jax.jit(lambda state: update_weight_average(state, method), donate_argnums=0)
         self.swa_start_epoch = int(config.swa.start_fraction * config.num_epochs)
         self.collapse_monitor = CollapseMonitor(config.collapse_warning_fraction, config.stop_on_collapse)
 
     def first_batch(self, batch, writer) -> None:
+        key = self.method.views.image_keys[0] if self.method.views is not None else "image"
         writer.write_images(0, {"augmented_inputs": image_grid(
-            batch["image"], self.config.data.mean, self.config.data.std)[None]})
+            batch[key], self.config.data.mean, self.config.data.std)[None]})
 
-    def after_step(self, step: int, state: TrainState) -> TrainState:
+    def after_step(self, step: int, state: MethodState) -> MethodState:
         epoch_done = step % self.steps_per_epoch == 0
         if self.config.swa.enabled and epoch_done and step // self.steps_per_epoch > self.swa_start_epoch:
             state = self.average_fn(state)
         return state
 
-    def scalars(self, step: int, state: TrainState) -> dict[str, float]:
-        scalars = {f"lr/{arm}": float(state.opt_state[arm].hyperparams["learning_rate"]) for arm in ARMS}
+    def scalars(self, step: int, state: MethodState) -> dict[str, float]:
+        scalars = self.method.scalars(state)
         scalars["epoch"] = step / self.steps_per_epoch
-        scalars.update({f"collapse/{arm}_initial_std": float(value)
-                        for arm, value in jax.device_get(state.initial_spread).items()})
+        scalars.update({f"collapse/{name}_initial_std": float(value)
+                        for name, value in jax.device_get(state.initial_spread).items()})
         return scalars
 
     def after_log(self, step: int, scalars) -> None:
-        self.collapse_monitor.check(step, scalars, {arm: scalars[f"collapse/{arm}_initial_std"] for arm in ARMS})
+        names = [key.removeprefix("collapse/").removesuffix("_initial_std") for key in scalars
+                 if key.startswith("collapse/") and key.endswith("_initial_std")]
+        self.collapse_monitor.check(step, scalars, {name: scalars[f"collapse/{name}_initial_std"] for name in names})
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | None:
-    """Runs (or resumes) CASS pretraining in `workdir` and exports both arms.
+    """Runs (or resumes) the pretraining `config.method` names in `workdir` and exports its backbones.
 
     Returns the export description (`export/arms.json` with absolute paths), or None when the run halted
     early on `config.halt_after_steps` (rerun the same command to continue).
     """
     workdir = Path(workdir).absolute()
-    check_inputs_exist(config)
+    name = method_name(config)
     splits = data_lib.load_splits(config.data)
     train_source = splits.train_full  # pretraining uses every training image, labelled or not
     steps_per_epoch = data_lib.steps_per_epoch(len(train_source), config.batch_size)
@@ -200,42 +114,44 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
         raise ValueError(f"The training split has {len(train_source)} images, fewer than one batch "
                          f"(batch_size={config.batch_size}); lower --config.batch_size.")
     total_steps = steps_per_epoch * config.num_epochs
+    method = build_method(config, total_steps, steps_per_epoch)
+    check_inputs_exist(config, tuple(method.backbones))
 
     mesh = parallel.data_mesh()
     replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    arms = build_arms(config, total_steps, steps_per_epoch)
-    state = jax.device_put(initial_state(config, arms), replicated)
-    step_fn = jax.jit(functools.partial(train_step, arms=arms), in_shardings=(replicated, batch_sharding),
+    state = jax.device_put(method.initial_state(), replicated)
+    step_fn = jax.jit(method.train_step, in_shardings=(replicated, batch_sharding),
                       out_shardings=(replicated, replicated), donate_argnums=0)
-    hooks = CassHooks(config, steps_per_epoch, jax.jit(update_weight_average, donate_argnums=0))
+    hooks = PretrainHooks(config, method, steps_per_epoch)
 
     local_batch_size = parallel.per_process_batch_size(config.batch_size)
     logging.info("process %d of %d reads %d images of each global batch of %d", jax.process_index(),
                  jax.process_count(), local_batch_size, config.batch_size)
     iterator = data_lib.train_iterator(
         train_source, config.data, batch_size=local_batch_size, seed=config.seed,
-        augment=config.data.augment != "none", shard_index=jax.process_index(), shard_count=jax.process_count())
+        augment=config.data.augment != "none", shard_index=jax.process_index(), shard_count=jax.process_count(),
+        views=method.views)
     writer = create_writer(workdir)
     if not (workdir / "checkpoints").is_dir():
         writer.write_hparams(flat_hparams(config))
-    logging.info("CASS pretraining: %s + %s, %d images, %d steps/epoch, %d epochs, weight averaging from epoch %d.",
-                 config.cnn.name, config.vit.name, len(train_source), steps_per_epoch, config.num_epochs,
+    logging.info("%s pretraining: %s, %d images, %d steps/epoch, %d epochs, weight averaging from epoch %d.",
+                 TITLES[name], " + ".join(backbone.name for backbone in method.backbones.values()),
+                 len(train_source), steps_per_epoch, config.num_epochs,
                  hooks.swa_start_epoch + 1 if config.swa.enabled else -1)
-    settings = LoopSettings.from_config(
-        config, total_steps=total_steps, batch_size=config.batch_size,
-        finite_metrics=("loss", *(f"grad_norm/{arm}" for arm in ARMS)),
-        console_metrics=("loss", "cosine", "lr/cnn", "collapse/cnn_std", "collapse/vit_std"))
+    settings = LoopSettings.from_config(config, total_steps=total_steps, batch_size=config.batch_size,
+                                        finite_metrics=method.finite_metrics,
+                                        console_metrics=method.console_metrics)
     state, finished = run_loop(state, iterator, step_fn, workdir=workdir, settings=settings, writer=writer,
                                hooks=hooks, to_device=lambda batch: parallel.to_global_batch(batch, batch_sharding))
     if not finished:
         return None
-    exports = export_arms(config, workdir, arms, state, train_source, steps_per_epoch)
+    exports = export_backbones(config, workdir, method, state, train_source, steps_per_epoch)
     writer.flush()
     return exports
 
 
 class CollapseMonitor:
-    """Warns (first time, then every 10th check) when an arm's output spread falls below `fraction` of its
+    """Warns (first time, then every 10th check) when a reported embedding's spread falls below `fraction` of its
     value at the first step; with `stop=True` it raises instead (the last checkpoint stays)."""
 
     def __init__(self, fraction: float, stop: bool = False, repeat_every: int = 10):
@@ -243,15 +159,15 @@ class CollapseMonitor:
         self.warnings = 0
 
     def check(self, step: int, scalars: dict, initial_spread: dict) -> bool:
-        """True when collapse is detected at this check."""
-        current = {arm: scalars[f"collapse/{arm}_std"] for arm in ARMS}
-        reference = {arm: float(initial_spread[arm]) for arm in ARMS}
-        collapsed = [arm for arm in ARMS if current[arm] < self.fraction * reference[arm]]
+        """True when collapse is detected at this check; `initial_spread` names the embeddings to check."""
+        current = {name: scalars[f"collapse/{name}_std"] for name in initial_spread}
+        reference = {name: float(value) for name, value in initial_spread.items()}
+        collapsed = [name for name in initial_spread if current[name] < self.fraction * reference[name]]
         if not collapsed:
             return False
         message = "; ".join(
-            f"the {arm} arm's output std is {current[arm]:.3g}, below {100 * self.fraction:.0f}% of its first "
-            f"value {reference[arm]:.3g}" for arm in collapsed)
+            f"the {name} arm's output std is {current[name]:.3g}, below {100 * self.fraction:.0f}% of its first "
+            f"value {reference[name]:.3g}" for name in collapsed)
         message = (f"Possible collapse at step {step}: {message}. Every image is getting nearly the same "
                    "output; see the README section on collapse.")
         if self.stop:
@@ -262,32 +178,31 @@ class CollapseMonitor:
         return True
 
 
-def export_arms(config: ml_collections.ConfigDict, workdir: Path, arms: Arms, state: TrainState,
-                train_source: Any, steps_per_epoch: int) -> dict:
-    """Writes `export/{cnn,vit}.msgpack` (final weights) and `*_swa.msgpack` (averaged), plus arms.json.
+def export_backbones(config: ml_collections.ConfigDict, workdir: Path, method: Method, state: MethodState,
+                     train_source: Any, steps_per_epoch: int) -> dict:
+    """Writes `export/<arm>.msgpack` (final weights) and `<arm>_swa.msgpack` (averaged) per backbone, plus arms.json.
 
-    Each file is a `{"params", "batch_stats"}` variables dict: `create_model(name)` plus
-    `cass_jax.port.load_variables(path)` restores an arm. The averaged CNN gets BatchNorm statistics measured
-    for its own weights, over one pass of the training split without augmentation (the statistics
-    downstream evaluation sees).
+    Each file is a `{"params"[, "batch_stats"]}` variables dict: `create_model(name, num_classes=...)` plus
+    `cass_jax.port.load_variables(path)` restores a backbone. An averaged backbone with BatchNorm gets
+    statistics measured for its own weights, over one pass of the training split without augmentation (the
+    statistics downstream evaluation sees).
     """
     export_dir = workdir / "export"
     state = jax.device_get(state)
+    current = method.backbone_variables(state)
     description = {}
-    for arm, model in (("cnn", arms.cnn), ("vit", arms.vit)):
-        description[arm] = {"name": config[arm].name, "num_classes": config[arm].num_classes,
-                            "image_size": config.data.image_size, "mean": list(config.data.mean),
+    for arm, backbone in method.backbones.items():
+        description[arm] = {"method": method.name, "name": backbone.name, "num_classes": backbone.num_classes,
+                            "image_size": backbone.image_size, "mean": list(config.data.mean),
                             "std": list(config.data.std), "raw": f"{arm}.msgpack"}
-        variables = {"params": state.params[arm]}
-        if arm == "cnn":
-            variables["batch_stats"] = state.batch_stats["cnn"]
+        variables = current[arm]
         if jax.process_index() == 0:
             save_variables(export_dir / f"{arm}.msgpack", variables)
         if config.swa.enabled and int(state.swa_count) > 0:
             averaged = {"params": state.swa_params[arm]}
-            if arm == "cnn":
-                averaged["batch_stats"] = measure_batch_stats(model, config, state.swa_params["cnn"],
-                                                              state.batch_stats["cnn"], train_source,
+            if variables.get("batch_stats"):
+                averaged["batch_stats"] = measure_batch_stats(backbone.model, config, state.swa_params[arm],
+                                                              variables["batch_stats"], train_source,
                                                               steps_per_epoch)
             if jax.process_index() == 0:
                 save_variables(export_dir / f"{arm}_swa.msgpack", averaged)
@@ -295,7 +210,7 @@ def export_arms(config: ml_collections.ConfigDict, workdir: Path, arms: Arms, st
             description[arm]["swa_snapshots"] = int(state.swa_count)
     if jax.process_index() == 0:
         (export_dir / "arms.json").write_text(json.dumps(description, indent=2))
-    logging.info("Exported both arms to %s", export_dir)
+    logging.info("Exported %s to %s", ", ".join(description), export_dir)
     return resolve_exports(description, export_dir)
 
 

@@ -4,6 +4,8 @@ import ml_collections
 
 from cass_jax.data import default_data_config
 from cass_jax.finetune import default_downstream_config
+from cass_jax.methods.barlow_twins import default_barlow_twins_config
+from cass_jax.methods.dino import default_dino_config
 from cass_jax.stabilisers import default_loss_config
 
 
@@ -12,6 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # "pretrain", "finetune", "linear_probe" or "pipeline" (pretrain, then probe and fine-tune both arms).
     c.mode = "pretrain"
+    # Self-supervised method: "cass", "dino" or "barlow_twins" (config.dino / config.barlow_twins hold their
+    # recipes; both read their backbone from config.cnn or config.vit).
+    c.method = "cass"
     c.seed = 0
     # Global batch (all devices, all hosts) and length of pretraining.
     c.batch_size = 16
@@ -50,15 +55,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.collapse_warning_fraction = 0.1
     # Stop the run (after its last checkpoint) instead of only warning when collapse is detected.
     c.stop_on_collapse = False
+    c.dino = default_dino_config()
+    c.barlow_twins = default_barlow_twins_config()
     c.downstream = default_downstream_config()
     return c
 
 
 def tiny_arms(c: ml_collections.ConfigDict, image_size: int = 128) -> None:
-    """Swaps in small randomly initialised arms (a few MB each) for demos, smoke runs and tests on a CPU."""
+    """Swaps in small randomly initialised arms (a few MB each) for demos, smoke runs and tests on a CPU, with
+    heads and crops to match for the other methods (DINO: a 1024-d head, global crops at image_size and four
+    local crops at half of it; Barlow Twins: a 512-512-512 projector on image_size views)."""
     c.cnn.name, c.cnn.init = "resnet_tiny", "random"
     c.vit.name, c.vit.init = "vit_micro_patch16", "random"
     c.data.image_size = image_size
+    c.dino.update(out_dim=1024, hidden_dim=256, bottleneck_dim=64, global_crop_size=image_size,
+                  local_crop_size=max(16, image_size // 32 * 16), local_crops_number=4)
+    c.barlow_twins.update(projector=(512, 512, 512), crop_size=image_size)
 
 
 def apply_variant(c: ml_collections.ConfigDict, arg: str | None, config_name: str) -> None:

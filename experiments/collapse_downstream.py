@@ -41,13 +41,8 @@ from cass_jax import finetune
 from cass_jax import metrics as metrics_lib
 from cass_jax.models import create_model
 from cass_jax.port import load_variables, save_variables
-from cass_jax.pretrain import (
-    build_arms,
-    initial_state,
-    measure_batch_stats,
-    pretrain,
-    read_exports,
-)
+from cass_jax.methods.cass import build_arms, initial_state
+from cass_jax.pretrain import measure_batch_stats, pretrain, read_exports
 
 ARMS = ("cnn", "vit")
 SPLITS = ("train_full", "val", "test")

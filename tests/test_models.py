@@ -195,3 +195,35 @@ def test_init_is_reproducible():
         np.testing.assert_array_equal(x, y)
         differs |= not np.array_equal(x, z)
     assert differs
+
+
+def test_vit_interpolates_position_embeddings_for_other_crop_sizes_and_keeps_its_native_outputs():
+    """DINO's local crops: the same ViT reads 32 px crops with interpolated embeddings; 64 px is unchanged."""
+    fixed = create_model("vit_micro_patch16", num_classes=0, img_size=64)
+    flexible = create_model("vit_micro_patch16", num_classes=0, img_size=64, interpolate_pos_encoding=True)
+    variables = init_variables(fixed, jax.random.key(0), 64)
+    x = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    np.testing.assert_array_equal(fixed.apply(variables, x), flexible.apply(variables, x))
+    small = flexible.apply(variables, x[:, :32, :32])
+    assert small.shape == (2, 64) and np.isfinite(np.asarray(small)).all()
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        flexible.apply(variables, x[:, :40, :40])
+    with pytest.raises(ValueError, match="img_size=32"):
+        fixed.apply(variables, x[:, :32, :32])
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (6, 6), (3, 5)])
+def test_position_embedding_interpolation_matches_dino_and_torch(grid):
+    torch = pytest.importorskip("torch")
+    from cass_jax.models.vit import interpolate_position_embeddings
+
+    side, dim = 4, 5
+    pos_embed = np.random.default_rng(0).normal(size=(1, 1 + side * side, dim)).astype(np.float32)
+    ours = interpolate_position_embeddings(jnp.asarray(pos_embed), *grid)
+    # vision_transformer.py interpolate_pos_encoding (facebookresearch/dino), with h and w in their own axes.
+    patches = torch.tensor(pos_embed[:, 1:]).reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    resized = torch.nn.functional.interpolate(
+        patches, scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side), mode="bicubic")
+    assert tuple(resized.shape[-2:]) == grid
+    expected = np.concatenate([pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, -1, dim).numpy()], axis=1)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-6)

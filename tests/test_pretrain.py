@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_a_good_checkpoint(tmp_pat
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
-    from cass_jax.pretrain import build_arms, initial_state, train_step
+    from cass_jax.methods.cass import build_arms, initial_state, train_step
     config = tiny_config(dtype="bfloat16")
     arms = build_arms(config, total_steps=10, steps_per_epoch=5)
     state = initial_state(config, arms)

@@ -20,7 +20,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
     sys.path.insert(0, sys.argv[1])
     from configs.common import base_config, tiny_arms
-    from cass_jax.pretrain import build_arms, initial_state, train_step
+    from cass_jax.methods.cass import build_arms, initial_state, train_step
 
     assert jax.device_count() == 4, jax.devices()
     config = base_config()

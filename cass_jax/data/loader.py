@@ -63,19 +63,25 @@ def normalize_images(images: Sequence[np.ndarray], mean: Sequence[float], std: S
 
 @dataclasses.dataclass(frozen=True)
 class NormalizeBatch:
-    """grain batch_fn: stacks records, normalising uint8 images straight into one float32 array."""
+    """grain batch_fn: stacks records, normalising uint8 images straight into one float32 array per key.
+
+    `image_keys` names the images of a record: "image", or a method's views ("view_0", "global_1", ...).
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     with_mask: bool = False
+    image_keys: tuple[str, ...] = ("image",)
 
     def __call__(self, records: Sequence[dict[str, Any]]) -> Batch:
-        for record in records[1:]:
-            if record["image"].shape != records[0]["image"].shape:
-                raise ValueError(f"Image {record.get('id')} has shape {record['image'].shape}, "
-                                 f"expected {records[0]['image'].shape}.")
-        images = normalize_images([r["image"] for r in records], self.mean, self.std)
-        batch = {"image": images, "label": np.stack([np.asarray(r["label"]) for r in records])}
+        batch = {}
+        for key in self.image_keys:
+            for record in records[1:]:
+                if record[key].shape != records[0][key].shape:
+                    raise ValueError(f"Image {record.get('id')} has shape {record[key].shape}, "
+                                     f"expected {records[0][key].shape}.")
+            batch[key] = normalize_images([r[key] for r in records], self.mean, self.std)
+        batch["label"] = np.stack([np.asarray(r["label"]) for r in records])
         if self.with_mask:
             batch["mask"] = np.asarray([r["mask"] for r in records], np.bool_)
         return batch
@@ -113,6 +119,7 @@ def train_iterator(
     augment: bool,
     shard_index: int = 0,
     shard_count: int = 1,
+    views: Any = None,
 ) -> grain.DatasetIterator:
     """Endless training batches {"image": float32 (B, S, S, 3), "label"}; B = batch_size per process.
 
@@ -120,7 +127,9 @@ def train_iterator(
     remainder dropped); process `shard_index` takes every shard_count-th example of each, so processes
     read disjoint parts of every global batch. The augmentation of an example depends only on
     (seed, epoch, its index in `source`), not on workers or sharding. `augment=False` (or
-    data.augment="none") gives resize + normalise only.
+    data.augment="none") gives resize + normalise only. `views`, a grain random map with an `image_keys`
+    attribute (DinoMultiCrop, BarlowTwinsViews), replaces the augmentation: batches then hold one float32
+    array per key it writes, instead of "image".
     """
     check_shard(shard_index, shard_count)
     global_batch = batch_size * shard_count
@@ -133,7 +142,11 @@ def train_iterator(
     size = int(data_config.image_size)
     gray = bool(data_config.get("gray_fast_path", True))
     dataset = grain.MapDataset.source(source)
-    if augment and data_config.get("augment", "cass") != "none":
+    image_keys = ("image",)
+    if views is not None:
+        dataset = dataset.random_map(views, seed=derive_seed(seed, _AUGMENT_STREAM))
+        image_keys = tuple(views.image_keys)
+    elif augment and data_config.get("augment", "cass") != "none":
         transform = CassAugment(
             size,
             jitter_with_rotation=bool(data_config.get("augment_jitter_with_rotation", False)),
@@ -145,7 +158,8 @@ def train_iterator(
     dataset = dataset.shuffle(seed=derive_seed(seed, _SHUFFLE_STREAM))
     dataset = dataset[:usable][shard_index::shard_count]
     dataset = dataset.batch(
-        batch_size, drop_remainder=True, batch_fn=NormalizeBatch(tuple(data_config.mean), tuple(data_config.std))
+        batch_size, drop_remainder=True,
+        batch_fn=NormalizeBatch(tuple(data_config.mean), tuple(data_config.std), image_keys=image_keys),
     )
     return iter(prefetch(dataset.repeat(), data_config))
 

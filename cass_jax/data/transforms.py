@@ -1,7 +1,8 @@
-"""Image transforms shared by every method: the evaluation transform and the CASS augmentation.
+"""Image transforms shared by every method: the evaluation transform, the CASS augmentation, and the
+per-view crop-and-jitter recipe that DINO's multi-crop and Barlow Twins' two views are built from.
 
 They run on the CPU in grain workers (PIL + NumPy) and follow torchvision's semantics; see
-`CassAugment` for the (small) documented differences.
+`CassAugment` and `ViewAugmentation` for the (small) documented differences.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from cass_jax.data.dicom import DecodeOptions, decode_dicom, looks_like_dicom, min_max_to_uint8, window_to_uint8
 
@@ -129,6 +130,79 @@ def color_jitter(
         if amount > 0:
             image = adjust(image, float(rng.uniform(max(0.0, 1 - amount), 1 + amount)))
     return image
+
+
+def adjust_hue(image: Image.Image, factor: float) -> Image.Image:
+    """torchvision F.adjust_hue on PIL: HSV hue channel + int(factor * 255), wrapping mod 256.
+
+    Gray images ("L" and other single-channel modes) are returned unchanged, as torchvision returns them.
+    """
+    if image.mode in ("L", "1", "I", "F"):
+        return image
+    hue, saturation, value = image.convert("HSV").split()
+    shifted = ((np.asarray(hue, np.int32) + int(factor * 255)) % 256).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(shifted, "L"), saturation, value)).convert(image.mode)
+
+
+def color_jitter_with_hue(
+    image: Image.Image, rng: np.random.Generator, brightness: float, contrast: float, saturation: float, hue: float
+) -> Image.Image:
+    """torchvision ColorJitter(b, c, s, h): draw an order, then every factor, then apply them in that order.
+
+    Factors are uniform in [max(0, 1 - x), 1 + x] (hue: [-h, h]); a zero amount is skipped and draws nothing,
+    as torchvision does. `color_jitter` (CASS's) has no hue and draws each factor as it goes.
+    """
+    order = rng.permutation(4)
+    ranges = (
+        (brightness, max(0.0, 1 - brightness), 1 + brightness),
+        (contrast, max(0.0, 1 - contrast), 1 + contrast),
+        (saturation, max(0.0, 1 - saturation), 1 + saturation),
+        (hue, -hue, hue),
+    )
+    factors = [float(rng.uniform(low, high)) if amount > 0 else None for amount, low, high in ranges]
+    adjustments = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for i in order:
+        if factors[i] is not None:
+            image = adjustments[i](image, factors[i])
+    return image
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    rng: np.random.Generator,
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params: (top, left, height, width) of a random crop.
+
+    Area fraction uniform in `scale`, log aspect ratio uniform in log(`ratio`); ten tries, then a centre crop.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * float(rng.uniform(scale[0], scale[1]))
+        aspect_ratio = math.exp(float(rng.uniform(log_ratio[0], log_ratio[1])))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(image: Image.Image, box: tuple[int, int, int, int], size: int) -> Image.Image:
+    """torchvision F.resized_crop on PIL with bicubic interpolation: crop (top, left, h, w), resize to size^2."""
+    top, left, h, w = box
+    return image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
 
 
 def perspective_points(
@@ -273,3 +347,44 @@ class CassAugment:
 
     def __call__(self, record: Record, rng: np.random.Generator) -> Record:
         return {**record, "image": self.augment(to_pil(record["image"], self.gray_fast_path), rng)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewAugmentation:
+    """One view of the BYOL-style recipe DINO and Barlow Twins share: (PIL image, rng) -> uint8 (size, size, 3).
+
+    As torchvision + the official GaussianBlur / Solarization classes, in this order:
+      RandomResizedCrop(size, scale, ratio, bicubic); RandomHorizontalFlip(flip_probability);
+      RandomApply([ColorJitter(*jitter)], jitter_probability); RandomGrayscale(grayscale_probability);
+      GaussianBlur(blur_probability, radius U(blur_radius)); Solarization(solarization_probability).
+    The methods differ only in these numbers (DinoMultiCrop, BarlowTwinsViews). Random numbers come from
+    the NumPy generator grain passes (derived from seed, epoch and example index), not torch's and Python's
+    global generators: same distributions, other draws. A gray input ("L", see `to_pil`) stays gray: every
+    step gives the same pixels as on its RGB copy, hue and grayscale are identities on it.
+    """
+
+    size: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_probability: float = 0.5
+    jitter_probability: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale_probability: float = 0.2
+    blur_probability: float = 0.5
+    blur_radius: tuple[float, float] = (0.1, 2.0)
+    solarization_probability: float = 0.0
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> np.ndarray:
+        view = resized_crop(image, random_resized_crop_box(image.width, image.height, self.scale, rng, self.ratio),
+                            self.size)
+        if rng.random() < self.flip_probability:
+            view = view.transpose(Image.FLIP_LEFT_RIGHT)
+        if rng.random() < self.jitter_probability:
+            view = color_jitter_with_hue(view, rng, *self.jitter)
+        if rng.random() < self.grayscale_probability:
+            view = view.convert("L")
+        if rng.random() < self.blur_probability:
+            view = view.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*self.blur_radius))))
+        if rng.random() < self.solarization_probability:
+            view = ImageOps.solarize(view)
+        return to_rgb_array(view)

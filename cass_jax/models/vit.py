@@ -5,11 +5,13 @@ default `nn.gelu` is the tanh approximation and would not match the PyTorch weig
 plain einsum attention with the softmax in float32. Input is NHWC.
 """
 
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from cass_jax.models.kernel_grad import dense_function
@@ -48,6 +50,51 @@ def _exact_gelu_backward(residuals: tuple[jax.Array, jax.Array], grad: jax.Array
 
 
 exact_gelu.defvjp(_exact_gelu_forward, _exact_gelu_backward)
+
+
+def _cubic_weights(t: float, a: float = -0.75) -> tuple[float, float, float, float]:
+    """torch's bicubic tap weights for offsets -1, 0, 1, 2 at fractional position t (Keys kernel, a = -0.75)."""
+    def near(x: float) -> float:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: float) -> float:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)
+
+
+@functools.lru_cache(maxsize=None)
+def torch_bicubic_matrix(in_size: int, out_size: int, scale_factor: float) -> np.ndarray:
+    """(out_size, in_size) matrix of torch's `interpolate(mode="bicubic", scale_factor=...)` along one axis.
+
+    align_corners=False with an explicit scale factor: output i reads input (i + 0.5) / scale_factor - 0.5,
+    four taps, indices clamped at the border (torch's upsample_bicubic2d). A matrix, so a 2-D resize is two
+    small matmuls that XLA fuses and differentiates.
+    """
+    matrix = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        source = (i + 0.5) / scale_factor - 0.5
+        start = math.floor(source)
+        for offset, weight in zip(range(-1, 3), _cubic_weights(source - start)):
+            matrix[i, min(max(start + offset, 0), in_size - 1)] += weight
+    return matrix
+
+
+def interpolate_position_embeddings(pos_embed: jax.Array, grid_height: int, grid_width: int) -> jax.Array:
+    """(1, 1 + g*g, D) embeddings -> (1, 1 + grid_height * grid_width, D), as DINO's `interpolate_pos_encoding`.
+
+    The class token's embedding is kept; the g x g grid is resized bicubically (torch's kernel) with DINO's
+    scale factor (grid + 0.1) / g, the 0.1 guarding the output size against rounding. A ViT built for 224 px
+    crops can then also read DINO's 96 px local crops.
+    """
+    side = math.isqrt(pos_embed.shape[1] - 1)
+    rows = torch_bicubic_matrix(side, grid_height, (grid_height + 0.1) / side)
+    columns = torch_bicubic_matrix(side, grid_width, (grid_width + 0.1) / side)
+    grid = pos_embed[0, 1:].reshape(side, side, -1).astype(jnp.float32)
+    resized = jnp.einsum("ij,jkd,lk->ild", jnp.asarray(rows, jnp.float32), grid, jnp.asarray(columns, jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
+    resized = resized.reshape(1, grid_height * grid_width, -1).astype(pos_embed.dtype)
+    return jnp.concatenate([pos_embed[:, :1], resized], axis=1)
 
 
 class Attention(nn.Module):
@@ -110,7 +157,10 @@ class VisionTransformer(nn.Module):
     """ViT with patch embedding, class token, learned position embeddings, final norm and `head`.
 
     The position-embedding shape follows `img_size`; inputs of another size raise a ValueError
-    (load_pretrained_variables resamples position embeddings when sizes differ). Returns logits,
+    (load_pretrained_variables resamples position embeddings when sizes differ), unless
+    `interpolate_pos_encoding`: then any size that is a multiple of the patch size is read with the
+    embeddings interpolated on the fly (`interpolate_position_embeddings`, DINO's multi-crop); inputs of
+    `img_size` take the same path as without it. Returns logits,
     or the class-token features when num_classes == 0; `return_features=True` gives (logits, features).
     `train` is accepted for interface parity with ResNet; there is no dropout.
 
@@ -131,6 +181,7 @@ class VisionTransformer(nn.Module):
     # How Dense kernel gradients are computed (models.kernel_grad): "auto", "xla" or "matmul".
     kernel_grad: str = "auto"
     last_block_class_token_only: bool = True
+    interpolate_pos_encoding: bool = False
 
     @property
     def num_features(self) -> int:
@@ -147,7 +198,12 @@ class VisionTransformer(nn.Module):
                 f"ViT img_size={self.img_size} is not a multiple of patch_size={self.patch_size}; "
                 f"choose an image size divisible by {self.patch_size}."
             )
-        if x.ndim != 4 or x.shape[1:3] != (self.img_size, self.img_size):
+        native = x.ndim == 4 and x.shape[1:3] == (self.img_size, self.img_size)
+        if self.interpolate_pos_encoding and x.ndim == 4 and not native:
+            if x.shape[1] % self.patch_size or x.shape[2] % self.patch_size:
+                raise ValueError(f"ViT input of {x.shape[1]}x{x.shape[2]} px is not a multiple of patch_size="
+                                 f"{self.patch_size}; crop to a multiple of {self.patch_size}.")
+        elif not native:
             raise ValueError(
                 f"ViT built for NHWC input of {self.img_size}x{self.img_size}, got shape {x.shape}; "
                 f"create the model with img_size={x.shape[1] if x.ndim == 4 else '...'} "
@@ -158,13 +214,15 @@ class VisionTransformer(nn.Module):
             self.embed_dim, (self.patch_size, self.patch_size), strides=(self.patch_size, self.patch_size),
             padding="VALID", dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
         )(x)
-        batch = x.shape[0]
+        batch, grid_shape = x.shape[0], x.shape[1:3]
         x = x.reshape(batch, -1, self.embed_dim)
         cls_token = self.param("cls_token", nn.initializers.normal(stddev=1e-6), (1, 1, self.embed_dim))
         pos_embed = self.param(
             "pos_embed", nn.initializers.truncated_normal(stddev=0.02), (1, self.grid_size**2 + 1, self.embed_dim)
         )
         x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, self.embed_dim)), x], axis=1)
+        if not native:
+            pos_embed = interpolate_position_embeddings(pos_embed, *grid_shape)
         x = x + pos_embed.astype(self.dtype)
         mlp_dim = int(self.embed_dim * self.mlp_ratio)
         for index in range(self.depth):
