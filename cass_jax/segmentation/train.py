@@ -30,6 +30,7 @@ from cass_jax.segmentation.cross_teaching import (CrossTeaching, CrossTeachingCo
 from cass_jax.segmentation.evaluation import evaluate_volumes
 from cass_jax.segmentation.figures import prediction_grid, write_mask_png
 from cass_jax.segmentation.loader import images_to_float, two_stream_iterator
+from cass_jax.segmentation.losses import consistency_weight
 from cass_jax.segmentation.metrics import mean_confidence_interval
 from cass_jax.segmentation.segmenter import save_segmenter
 from cass_jax.training_loop import LoopHooks, LoopSettings, run_loop
@@ -225,6 +226,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, run: Run,
     logging.info("Run %s: %s, %d labelled and %d unlabelled slices, %d iterations.", run.name,
                  " + ".join(method.networks.module(n).__class__.__name__ for n in names), len(labeled),
                  len(unlabeled) if step_config.cross_teaching else 0, config.max_iterations)
+    if step_config.cross_teaching:
+        warn_if_rampup_unfinished(step_config)
     sharding = parallel.batch_sharding(method.mesh)
     started = time.monotonic()
     state, finished = run_loop(state, iterator, method.train_step, workdir=run_dir, settings=settings, writer=writer,
@@ -236,6 +239,22 @@ def train_run(config: ml_collections.ConfigDict, workdir: Path, run: Run,
     result_path.write_text(json.dumps(result, indent=2))
     writer.flush()
     return result
+
+
+def warn_if_rampup_unfinished(config: CrossTeachingConfig) -> None:
+    """Warns when the pseudo-label weight would end below half its full value (a run much shorter than the ramp-up).
+
+    SSL4MIS ramps over consistency_rampup x rampup_every = 30,000 iterations; a shorter run with those settings
+    barely teaches across networks, so it says how to scale the ramp-up.
+    """
+    final = float(consistency_weight(config.max_iterations, config.consistency, config.consistency_rampup,
+                                     config.rampup_every))
+    if final < 0.5 * config.consistency:
+        scaled = max(1, round(config.max_iterations / config.consistency_rampup))
+        logging.warning("The pseudo-label weight reaches only %.2g of %g by iteration %d (the ramp-up spans %d "
+                        "iterations); set --config.rampup_every=%d to scale it to this run.", final,
+                        config.consistency, config.max_iterations,
+                        int(config.consistency_rampup * config.rampup_every), scaled)
 
 
 def test_run(config: ml_collections.ConfigDict, run_dir: Path, run: Run, method: CrossTeaching,
