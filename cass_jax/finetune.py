@@ -43,7 +43,8 @@ SAVE_MODELS = ("best", "all", "none")
 PROBES = ("logistic_regression", "gradient")
 ARMS = ("cnn", "vit")
 LOSSES = ("focal", "sigmoid_focal", "cross_entropy")
-NAMED_INITS = ("cass", "cass_raw", "random", "arm_init")
+PRETRAINED_INITS = ("cass", "cass_raw")  # a pretraining export (of any method, despite the names)
+NAMED_INITS = (*PRETRAINED_INITS, "random", "arm_init")
 
 
 def default_downstream_config() -> ml_collections.ConfigDict:
@@ -57,10 +58,11 @@ def default_downstream_config() -> ml_collections.ConfigDict:
     # the seed sets the label subset, the head initialisation and the data order.
     c.label_fractions = (1.0, 0.1, 0.01)
     c.seeds = (0, 1, 2, 3, 4)
-    # Starting weights of the arm: "cass" (this workdir's pretraining export, weight-averaged if use_swa),
-    # "cass_raw" (its final, non-averaged weights), "random", "arm_init" (the file in config.<arm>.init,
-    # e.g. ported ImageNet weights), or a weights file path. Several, comma-separated ("cass,random"),
-    # give one table row each.
+    # Starting weights of the arm: "cass" (this workdir's pretraining export, of whichever config.method, weight-
+    # averaged if use_swa), "cass_raw" (its final, non-averaged weights), "random", "arm_init" (the file in
+    # config.<arm>.init, e.g. ported ImageNet weights), or a weights file path. Several, comma-separated
+    # ("cass,random"), give one table row each. An export's rows are labelled with its method ("dino",
+    # "dino_raw"). With config.methods, "cass"/"cass_raw" stand for every compared method's export.
     c.init = "cass"
     c.use_swa = True
     # Where to find the pretraining export for "cass"/"cass_raw"; empty means the workdir itself.
@@ -306,11 +308,13 @@ def confusion_image(confusion: np.ndarray, cell_pixels: int = 24) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ArmInit:
-    """Where one arm's starting weights come from: the model name and a weights file (None = random)."""
+    """Where one arm's starting weights come from: the model name and a weights file (None = random), and the
+    self-supervised method that produced the file ("none" for random, ImageNet or other given weights)."""
 
     label: str
     model_name: str
     weights_path: str | None
+    method: str = "none"
 
 
 def parse_inits(init: str) -> list[str]:
@@ -328,28 +332,34 @@ def resolve_init(config: ml_collections.ConfigDict, arm: str, init: str, workdir
     if init == "arm_init":
         path = config[arm].init
         return ArmInit(init, config[arm].name, None if path == "random" else _existing_file(path, f"config.{arm}.init"))
-    if init in ("cass", "cass_raw"):
-        from cass_jax.pretrain import read_exports
-
-        export_root = Path(config.downstream.pretrain_workdir or workdir)
-        exports = read_exports(export_root)
-        if exports is None:
-            raise FileNotFoundError(
-                f"downstream.init={init!r} needs a finished pretraining: {export_root / 'export' / 'arms.json'} "
-                "does not exist. Run mode=pretrain (or mode=pipeline) with this workdir first, point "
-                "downstream.pretrain_workdir at one, or set downstream.init=random.")
-        if arm not in exports:
-            raise ValueError(
-                f"downstream.init={init!r} for the {arm!r} arm, but the pretraining export in {export_root} holds "
-                f"{', '.join(exports)} (method {next(iter(exports.values())).get('method', 'cass')}); set "
-                f"--config.downstream.arms to the exported arms.")
-        entry = exports[arm]
-        use_average = init == "cass" and config.downstream.use_swa
-        if use_average and "swa" not in entry:
-            logging.warning("No weight-averaged %s export in %s; using its final weights.", arm, export_root)
-        path = entry["swa"] if use_average and "swa" in entry else entry["raw"]
-        return ArmInit(init, entry["name"], _existing_file(path, f"export/arms.json ({arm})"))
+    if init in PRETRAINED_INITS:
+        return pretrained_init(config, arm, init, Path(config.downstream.pretrain_workdir or workdir))
     return ArmInit(Path(init).stem, config[arm].name, _existing_file(init, "downstream.init"))
+
+
+def pretrained_init(config: ml_collections.ConfigDict, arm: str, init: str, export_root: Path) -> ArmInit:
+    """`arm`'s backbone from the pretraining export in `export_root/export` (init "cass": weight-averaged if
+    downstream.use_swa; "cass_raw": final weights), labelled with the export's method ("dino", "dino_raw")."""
+    from cass_jax.pretrain import exported_method, read_exports
+
+    exports = read_exports(export_root)
+    if exports is None:
+        raise FileNotFoundError(
+            f"downstream.init={init!r} needs a finished pretraining: {export_root / 'export' / 'arms.json'} "
+            "does not exist. Run mode=pretrain (or mode=pipeline) with this workdir first, point "
+            "downstream.pretrain_workdir at one, or set downstream.init=random.")
+    method = exported_method(exports)
+    if arm not in exports:
+        raise ValueError(
+            f"downstream.init={init!r} for the {arm!r} arm, but the pretraining export in {export_root} holds "
+            f"{', '.join(exports)} (method {method}); set --config.downstream.arms to the exported arms.")
+    entry = exports[arm]
+    use_average = init == "cass" and config.downstream.use_swa
+    if use_average and "swa" not in entry:
+        logging.warning("No weight-averaged %s export in %s; using its final weights.", arm, export_root)
+    path = entry["swa"] if use_average and "swa" in entry else entry["raw"]
+    label = method if init == "cass" else f"{method}_raw"
+    return ArmInit(label, entry["name"], _existing_file(path, f"export/arms.json ({arm})"), method)
 
 
 def _existing_file(path: str, what: str) -> str:
@@ -456,11 +466,6 @@ class RunSpec:
     @property
     def name(self) -> str:
         return (f"{self.arm}_{self.protocol}_{self.init.label}_f{self.label_fraction:g}_s{self.seed}")
-
-
-def method_of(init_label: str) -> str:
-    """The self-supervised method behind an init: "cass" for this workdir's CASS exports, else "none"."""
-    return "cass" if init_label in ("cass", "cass_raw") else "none"
 
 
 def fit_logistic_probe(config: ml_collections.ConfigDict, splits: Any, run: RunSpec, model: nn.Module,
@@ -579,7 +584,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
     logging.info("%s best epoch %d of %d | test_loss %.4f | test %s %.4f", tag, result.best_epoch,
                  result.epochs_run, test.loss, main_metric, test_metrics[main_metric])
     record = {
-        "arm": run.arm, "method": method_of(run.init.label), "protocol": run.protocol,
+        "arm": run.arm, "method": run.init.method, "protocol": run.protocol,
         "probe": d.probe if run.protocol == "linear_probe" else None, "init": run.init.label,
         "model": run.init.model_name,
         "weights": run.init.weights_path, "label_fraction": run.label_fraction, "seed": run.seed,
@@ -607,16 +612,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
 
 def run_settings(config: ml_collections.ConfigDict, workdir: str | Path, arms: Sequence[str],
                  protocols: Sequence[str], splits: Any = None) -> list[dict[str, Any]]:
-    """Every (init, arm, protocol, label fraction, seed) combination; one record each."""
+    """Every (init, arm, protocol, label fraction, seed) combination of `downstream.init`; one record each."""
     check_downstream_config(config)
     workdir = Path(workdir).absolute()
+    arm_inits = [(arm, resolve_init(config, arm, init, workdir))
+                 for init in parse_inits(config.downstream.init) for arm in arms]
+    return run_arm_inits(config, workdir, arm_inits, protocols, splits)
+
+
+def run_arm_inits(config: ml_collections.ConfigDict, workdir: str | Path, arm_inits: Sequence[tuple[str, ArmInit]],
+                  protocols: Sequence[str], splits: Any = None) -> list[dict[str, Any]]:
+    """Every (arm, starting weights) pair under every protocol, label fraction and seed; one record each.
+
+    The pipeline's comparison of methods gives each method's exported arms here, so an arm a method did not
+    export is simply not listed.
+    """
+    workdir = Path(workdir).absolute()
     d = config.downstream
-    arm_inits = {(init, arm): resolve_init(config, arm, init, workdir) for init in parse_inits(d.init) for arm in arms}
     splits = splits if splits is not None else load_downstream_data(config)
     initial_variables = InitialVariables(config.data.image_size)
     feature_cache: dict = {}
     records = []
-    for (init, arm), arm_init in arm_inits.items():
+    for arm, arm_init in arm_inits:
         for protocol in protocols:
             for fraction in d.label_fractions:
                 group = []
@@ -671,18 +688,23 @@ def dump_json(path: Path, value: Any) -> None:
 
 
 def write_results(workdir: str | Path, records: Iterable[Mapping[str, Any]], multi_label: bool,
-                  class_names: Sequence[str]) -> dict[str, Any]:
-    """Writes results.json (every run plus mean +- std per setting) and results.md (the tables, also printed)."""
+                  class_names: Sequence[str], pretraining: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Writes results.json (every run, mean +- std and 95% CI per setting, and the `pretraining` runs' timings) and
+    results.md (the tables, also printed)."""
     workdir = Path(workdir)
     records = [json_record(r) for r in records]
     names = metrics_lib.summary_names(multi_label)
     summary = metrics_lib.summarize_over_seeds(records, names)
-    results = {"class_names": list(class_names), "multi_label": multi_label, "summary": summary, "runs": records}
+    results = {"class_names": list(class_names), "multi_label": multi_label, "summary": summary,
+               "pretraining": list(pretraining), "runs": records}
     workdir.mkdir(parents=True, exist_ok=True)
     dump_json(workdir / "results.json", results)
-    markdown = ("# Downstream results\n\nTest split; mean ± sample std over seeds (n = seeds). Rows: arm, "
-                "protocol, initial weights; columns: fraction of training labels.\n\n"
-                + metrics_lib.markdown_tables(summary, names))
+    markdown = ("# Downstream results\n\nTest split; mean ± sample std over seeds and the 95% confidence interval of "
+                "the mean (Student t, n = seeds; none for one seed). Rows: arm and its model, self-supervised method "
+                "(none: the starting weights without pretraining), protocol, initial weights; columns: fraction of "
+                "training labels.\n\n" + metrics_lib.markdown_tables(summary, names))
+    if pretraining:
+        markdown += "\n" + metrics_lib.pretraining_table(pretraining)
     (workdir / "results.md").write_text(markdown)
     print(markdown, flush=True)
     logging.info("Wrote %s and %s", workdir / "results.md", workdir / "results.json")

@@ -1,4 +1,4 @@
-"""Classification metrics over a whole split, and their mean +- std over seeds.
+"""Classification metrics over a whole split, mean +- std and the confidence interval over seeds, and the tables.
 
 Pure NumPy over whole-split arrays (every test example counts once; nothing accumulates across epochs).
 Definitions follow scikit-learn's defaults (checked against it in tests) without depending on it:
@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 MULTICLASS_SUMMARY = ("accuracy", "macro_f1", "weighted_f1", "micro_f1", "balanced_accuracy")
 MULTILABEL_SUMMARY = ("micro_f1", "macro_f1", "samples_f1", "mean_auroc")
@@ -173,62 +174,112 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(values.mean()), "std": std, "n": int(values.size)}
 
 
+def mean_confidence_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean over seeds and its Student-t confidence interval: mean +- t_{(1+c)/2, n-1} * s / sqrt(n).
+
+    Returns {"mean", "low", "high", "half_width", "std", "n"}; with one value the interval is undefined (NaN).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"Need a non-empty 1-D list of per-seed values, got shape {values.shape}.")
+    n, mean = int(values.size), float(values.mean())
+    if n < 2:
+        return {"mean": mean, "low": np.nan, "high": np.nan, "half_width": np.nan, "std": np.nan, "n": n}
+    std = float(values.std(ddof=1))
+    half_width = float(scipy.stats.t.ppf((1.0 + confidence) / 2.0, df=n - 1) * std / np.sqrt(n))
+    return {"mean": mean, "low": mean - half_width, "high": mean + half_width, "half_width": half_width,
+            "std": std, "n": n}
+
+
+def seed_statistics(values: Sequence[float]) -> dict[str, float]:
+    """`mean_std` plus the 95% Student-t confidence interval of the mean (`ci_low`, `ci_high`; NaN for one seed)."""
+    interval = mean_confidence_interval(values)
+    return {**mean_std(values), "ci_low": interval["low"], "ci_high": interval["high"]}
+
+
+SUMMARY_KEYS = ("arm", "model", "method", "protocol", "init")
+
+
 def summarize_over_seeds(
     records: Iterable[Mapping[str, Any]], metric_names: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Groups per-seed run records by (arm, protocol, init, label_fraction) and reduces each metric.
+    """Groups per-seed run records by (arm, model, method, protocol, init, label_fraction) and reduces each metric.
 
-    Each record needs keys arm, protocol, init, label_fraction, seed and test_metrics (a metrics dict).
+    Each record needs those keys, seed and test_metrics (a metrics dict).
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for record in records:
-        key = (record["arm"], record["protocol"], record["init"], float(record["label_fraction"]))
+        key = tuple(record[name] for name in SUMMARY_KEYS) + (float(record["label_fraction"]),)
         groups.setdefault(key, []).append(record)
-    rows = []
-    for (arm, protocol, init, fraction), members in groups.items():
-        rows.append(
-            {
-                "arm": arm,
-                "protocol": protocol,
-                "init": init,
-                "label_fraction": fraction,
-                "seeds": sorted(int(m["seed"]) for m in members),
-                "metrics": {
-                    name: mean_std([m["test_metrics"][name] for m in members]) for name in metric_names
-                },
-            }
-        )
-    return rows
+    return [
+        {
+            **dict(zip(SUMMARY_KEYS, key)),
+            "label_fraction": key[-1],
+            "seeds": sorted(int(m["seed"]) for m in members),
+            "metrics": {name: seed_statistics([m["test_metrics"][name] for m in members]) for name in metric_names},
+        }
+        for key, members in groups.items()
+    ]
 
 
 def _fraction_label(fraction: float) -> str:
     return f"{fraction * 100:g}%"
 
 
+def _mean_std_cell(stats: Mapping[str, float]) -> str:
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})"
+
+
+def _interval_cell(stats: Mapping[str, float]) -> str:
+    """'[low, high]', or '–' where one seed leaves the interval undefined."""
+    if stats["n"] < 2:
+        return "–"
+    return f"[{stats['ci_low']:.4f}, {stats['ci_high']:.4f}]"
+
+
 def markdown_tables(summary_rows: Sequence[Mapping[str, Any]], metric_names: Sequence[str]) -> str:
-    """One Markdown table per metric: rows arm x protocol x init, columns label fraction, cells mean +- std."""
+    """One Markdown table per metric (the S4MI layout): rows arm x model x method x protocol x init, grouped by arm
+    and protocol; per label fraction, a mean ± std column and a 95% CI column."""
     fractions = sorted({row["label_fraction"] for row in summary_rows}, reverse=True)
     row_keys: list[tuple] = []
     cells: dict[tuple, Mapping[str, Any]] = {}
     for row in summary_rows:
-        key = (row["arm"], row["protocol"], row["init"])
+        key = tuple(row[name] for name in SUMMARY_KEYS)
         if key not in row_keys:
             row_keys.append(key)
         cells[key + (row["label_fraction"],)] = row
+    arms = list(dict.fromkeys(key[0] for key in row_keys))
+    protocols = list(dict.fromkeys(key[3] for key in row_keys))
+    row_keys.sort(key=lambda key: (arms.index(key[0]), protocols.index(key[3])))
+    columns = [f"{_fraction_label(f)}{suffix}" for f in fractions for suffix in ("", " 95% CI")]
     sections = []
     for name in metric_names:
-        header = "| arm | protocol | init | " + " | ".join(_fraction_label(f) for f in fractions) + " |"
-        rule = "|" + "---|" * (3 + len(fractions))
-        lines = [f"### {name} (mean ± std over seeds)", "", header, rule]
+        lines = [f"### {name} (mean ± std over seeds, 95% CI)", "",
+                 "| " + " | ".join((*SUMMARY_KEYS, *columns)) + " |", "|" + "---|" * (len(SUMMARY_KEYS) + len(columns))]
         for key in row_keys:
             values = []
             for fraction in fractions:
                 row = cells.get(key + (fraction,))
-                if row is None:
-                    values.append("–")
-                    continue
-                stats = row["metrics"][name]
-                values.append(f"{stats['mean']:.4f} ± {stats['std']:.4f} (n={stats['n']})")
-            lines.append("| " + " | ".join(key) + " | " + " | ".join(values) + " |")
+                values += ["–", "–"] if row is None else [_mean_std_cell(row["metrics"][name]),
+                                                          _interval_cell(row["metrics"][name])]
+            lines.append("| " + " | ".join((*key, *values)) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
+
+
+def pretraining_table(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per pretraining run (`export/pretraining.json`), its backbones, size, wall time and images/s."""
+    lines = ["### Pretraining", "",
+             "Wall time: the whole invocation that finished the run, from reading the data to the written export "
+             "(compilation, checkpoints and the export included). Images/s: the training steps after compilation, "
+             "data loading and checkpoints included.", "",
+             "| method | backbones | images | epochs | batch | steps | wall time (s) | images/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        resumed = f" (that invocation, resumed at step {run['start_step']})" if run["start_step"] else ""
+        backbones = ", ".join(f"{arm}: {model}" for arm, model in run["backbones"].items())
+        rate = run["images_per_second"]
+        lines.append(f"| {run['method']} | {backbones} | {run['images']} | {run['epochs']} | {run['batch_size']} | "
+                     f"{run['steps']} | {run['wall_seconds']:.0f}{resumed} | "
+                     f"{'–' if rate is None or not np.isfinite(rate) else f'{rate:.1f}'} |")
+    return "\n".join(lines) + "\n"

@@ -3,18 +3,21 @@
 `config.method` picks the method ("cass", "dino" or "barlow_twins"; each a module of `cass_jax.methods`). This
 driver owns what they share: data, multi-device sharding, `training_loop.run_loop` (checkpoint and exact resume,
 TensorBoard, progress, NaN stop), the collapse monitor, weight averaging and the export to
-`export/<arm>.msgpack` + `export/arms.json`, which `downstream.init`, the pipeline and `load_classifier` read.
+`export/<arm>.msgpack` + `export/arms.json`, which `downstream.init`, the pipeline and `load_classifier` read, and
+`export/pretraining.json` (wall time, images/s), which the pipeline's comparison of methods reports.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import flax
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from cass_jax import data as data_lib
@@ -22,7 +25,7 @@ from cass_jax import parallel
 from cass_jax.methods import barlow_twins, cass, dino
 from cass_jax.methods.base import Method, MethodState
 from cass_jax.port import save_variables
-from cass_jax.reporting import create_writer, flat_hparams, image_grid
+from cass_jax.reporting import ProgressLine, create_writer, flat_hparams, image_grid
 from cass_jax.training_loop import LoopHooks, LoopSettings, run_loop
 from cass_jax.weight_averaging import recompute_batch_stats, running_mean_update
 
@@ -67,13 +70,17 @@ def check_inputs_exist(config: ml_collections.ConfigDict, arms: tuple[str, ...])
 
 class PretrainHooks(LoopHooks):
     """The driver's additions to the shared loop: the input picture, weight averaging per epoch, the method's
-    scalars (learning rates, schedules) and the collapse yardstick in TensorBoard, and the collapse monitor."""
+    scalars (learning rates, schedules) and the collapse yardstick in TensorBoard, the collapse monitor, and the
+    throughput of the steps after compilation (for `export/pretraining.json`)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, method: Method, steps_per_epoch: int):
+    def __init__(self, config: ml_collections.ConfigDict, method: Method, steps_per_epoch: int, total_steps: int):
         self.config, self.method, self.steps_per_epoch = config, method, steps_per_epoch
         self.average_fn = jax.jit(lambda state: update_weight_average(state, method), donate_argnums=0)
         self.swa_start_epoch = int(config.swa.start_fraction * config.num_epochs)
         self.collapse_monitor = CollapseMonitor(config.collapse_warning_fraction, config.stop_on_collapse)
+        self.throughput = ProgressLine(total_steps, config.batch_size)
+        self.start_step: int | None = None  # the step this invocation resumed from (0: a fresh run)
+        self.last_step = 0
 
     def first_batch(self, batch, writer) -> None:
         key = self.method.views.image_keys[0] if self.method.views is not None else "image"
@@ -81,6 +88,10 @@ class PretrainHooks(LoopHooks):
             batch[key], self.config.data.mean, self.config.data.std)[None]})
 
     def after_step(self, step: int, state: MethodState) -> MethodState:
+        if self.start_step is None:  # the first step of this invocation has compiled and been dispatched
+            self.start_step = step - 1
+            self.throughput.compiled(step)
+        self.last_step = step
         epoch_done = step % self.steps_per_epoch == 0
         if self.config.swa.enabled and epoch_done and step // self.steps_per_epoch > self.swa_start_epoch:
             state = self.average_fn(state)
@@ -105,6 +116,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
     Returns the export description (`export/arms.json` with absolute paths), or None when the run halted
     early on `config.halt_after_steps` (rerun the same command to continue).
     """
+    started = time.perf_counter()
     workdir = Path(workdir).absolute()
     name = method_name(config)
     splits = data_lib.load_splits(config.data)
@@ -122,7 +134,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
     state = jax.device_put(method.initial_state(), replicated)
     step_fn = jax.jit(method.train_step, in_shardings=(replicated, batch_sharding),
                       out_shardings=(replicated, replicated), donate_argnums=0)
-    hooks = PretrainHooks(config, method, steps_per_epoch)
+    hooks = PretrainHooks(config, method, steps_per_epoch, total_steps)
 
     local_batch_size = parallel.per_process_batch_size(config.batch_size)
     logging.info("process %d of %d reads %d images of each global batch of %d", jax.process_index(),
@@ -143,9 +155,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
                                         console_metrics=method.console_metrics)
     state, finished = run_loop(state, iterator, step_fn, workdir=workdir, settings=settings, writer=writer,
                                hooks=hooks, to_device=lambda batch: parallel.to_global_batch(batch, batch_sharding))
+    rate = hooks.throughput.mean_images_per_second(hooks.last_step)
     if not finished:
         return None
     exports = export_backbones(config, workdir, method, state, train_source, steps_per_epoch)
+    record = {"method": name, "backbones": {arm: backbone.name for arm, backbone in method.backbones.items()},
+              "images": len(train_source), "epochs": config.num_epochs, "batch_size": config.batch_size,
+              "steps": total_steps, "start_step": total_steps if hooks.start_step is None else hooks.start_step,
+              "wall_seconds": time.perf_counter() - started, "images_per_second": None if np.isnan(rate) else rate}
+    if jax.process_index() == 0:
+        (workdir / "export" / "pretraining.json").write_text(json.dumps(record, indent=2))
     writer.flush()
     return exports
 
@@ -228,6 +247,18 @@ def read_exports(workdir: str | Path) -> dict | None:
     """The exports of a finished pretraining in `workdir`, or None when there is none."""
     path = Path(workdir).absolute() / "export" / "arms.json"
     return resolve_exports(json.loads(path.read_text()), path.parent) if path.is_file() else None
+
+
+def exported_method(exports: dict) -> str:
+    """The method behind `read_exports`' answer ("cass" for exports written before arms.json recorded it)."""
+    return next(iter(exports.values())).get("method", "cass")
+
+
+def read_pretraining_record(workdir: str | Path) -> dict | None:
+    """`export/pretraining.json` of a finished pretraining in `workdir` (method, size, wall time, images/s), or
+    None for a run exported before it was written."""
+    path = Path(workdir).absolute() / "export" / "pretraining.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def measure_batch_stats(model: flax.linen.Module, config: ml_collections.ConfigDict, params: Any, batch_stats: Any,

@@ -24,16 +24,17 @@ def create_writer(logdir: str | Path) -> metric_writers.MetricWriter:
 
 
 class _LibraryInfoFilter(logging_std.Filter):
-    """Drops INFO and DEBUG records that libraries log through absl (orbax logs ~10 lines per checkpoint)."""
+    """Drops INFO and DEBUG records that libraries log through absl (orbax logs ~10 lines per checkpoint; CLU's
+    progress reporter a "Setting work unit notes" line that repeats the loop's own progress line)."""
 
-    QUIET = ("/orbax/", "/grain/", "/tensorflow_datasets/")
+    QUIET = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/clu/")
 
     def filter(self, record: logging_std.LogRecord) -> bool:
         return record.levelno >= logging_std.WARNING or not any(p in record.pathname for p in self.QUIET)
 
 
 def quiet_library_logs(quiet: bool = True) -> None:
-    """Hides the INFO lines of orbax, grain and TFDS (warnings and errors still show); idempotent."""
+    """Hides the INFO lines of orbax, grain, TFDS and CLU (warnings and errors still show); idempotent."""
     absl_logger = logging_std.getLogger("absl")
     for existing in [f for f in absl_logger.filters if isinstance(f, _LibraryInfoFilter)]:
         absl_logger.removeFilter(existing)
@@ -92,12 +93,16 @@ class ProgressLine:
         self._last_step, self._last_time = step, time.monotonic()
         self._origin = (step, self._last_time)
 
+    def mean_images_per_second(self, step: int) -> float:
+        """Throughput from the first step after compilation to now (`step`); NaN before a step has been timed."""
+        if self._origin is None or step <= self._origin[0]:
+            return float("nan")
+        return (step - self._origin[0]) * self.batch_size / max(time.monotonic() - self._origin[1], 1e-9)
+
     def eta_seconds(self, step: int, images_per_second: float) -> float:
         """Remaining time at the mean rate since compilation (else at `images_per_second`)."""
-        if self._origin is not None and step > self._origin[0]:
-            seconds_per_step = (time.monotonic() - self._origin[1]) / (step - self._origin[0])
-            return (self.total_steps - step) * seconds_per_step
-        return (self.total_steps - step) * self.batch_size / max(images_per_second, 1e-9)
+        rate = self.mean_images_per_second(step)
+        return (self.total_steps - step) * self.batch_size / max(images_per_second if np.isnan(rate) else rate, 1e-9)
 
     def images_per_second(self, step: int) -> float:
         """Throughput since the previous call (includes data loading and logging: what the user gets)."""

@@ -17,6 +17,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Self-supervised method: "cass", "dino" or "barlow_twins" (config.dino / config.barlow_twins hold their
     # recipes; both read their backbone from config.cnn or config.vit).
     c.method = "cass"
+    # mode=pipeline only: methods to compare ("cass,dino,barlow_twins"), each pretrained in
+    # <workdir>/pretrain/<method>/ (a finished export there is reused) and evaluated beside the same arms without
+    # self-supervision (config.<arm>.init). Empty: config.method alone, pretrained in the workdir itself.
+    c.methods = ()
     c.seed = 0
     # Global batch (all devices, all hosts) and length of pretraining.
     c.batch_size = 16

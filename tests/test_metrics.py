@@ -109,16 +109,44 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_summary_and_markdown_table():
+    """Mean, std and the 95% CI worked out by hand: 0.8, 0.9, 0.7 -> mean 0.8, s = 0.1, and with
+    t(0.975, 2 df) = 4.302653 from the tables, half width 4.302653 * 0.1 / sqrt(3) = 0.248414."""
+    setting = {"arm": "cnn", "model": "resnet_tiny", "protocol": "finetune"}
     records = [
-        {"arm": "cnn", "protocol": "finetune", "init": "cass", "label_fraction": f, "seed": s,
-         "test_metrics": {"macro_f1": v}}
-        for f, s, v in [(1.0, 0, 0.8), (1.0, 1, 0.9), (0.1, 0, 0.5)]
+        {**setting, "method": method, "init": init, "label_fraction": f, "seed": s, "test_metrics": {"macro_f1": v}}
+        for method, init, f, s, v in [("cass", "cass", 1.0, 0, 0.8), ("cass", "cass", 1.0, 1, 0.9),
+                                      ("cass", "cass", 1.0, 2, 0.7), ("cass", "cass", 0.1, 0, 0.5),
+                                      ("none", "random", 1.0, 0, 0.4)]
     ]
+    records.insert(1, {"arm": "vit", "model": "vit_micro_patch16", "protocol": "finetune", "method": "dino",
+                       "init": "dino", "label_fraction": 1.0, "seed": 0, "test_metrics": {"macro_f1": 0.6}})
     rows = metrics.summarize_over_seeds(records, ["macro_f1"])
-    full = next(r for r in rows if r["label_fraction"] == 1.0)
-    assert full["metrics"]["macro_f1"]["mean"] == pytest.approx(0.85)
-    assert full["metrics"]["macro_f1"]["std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
-    assert full["seeds"] == [0, 1]
+    full = next(r for r in rows if r["label_fraction"] == 1.0 and r["method"] == "cass")
+    stats = full["metrics"]["macro_f1"]
+    assert stats["mean"] == pytest.approx(0.8) and stats["std"] == pytest.approx(0.1) and stats["n"] == 3
+    assert (stats["ci_low"], stats["ci_high"]) == pytest.approx((0.8 - 0.248414, 0.8 + 0.248414), abs=1e-6)
+    assert full["seeds"] == [0, 1, 2] and full["model"] == "resnet_tiny"
+    single = next(r for r in rows if r["label_fraction"] == 0.1)["metrics"]["macro_f1"]
+    assert single["std"] == 0.0 and np.isnan(single["ci_low"]) and np.isnan(single["ci_high"])
     table = metrics.markdown_tables(rows, ["macro_f1"])
-    assert "| cnn | finetune | cass | 0.8500 ± 0.0707 (n=2) | 0.5000 ± 0.0000 (n=1) |" in table
-    assert table.index("100%") < table.index("10%")
+    lines = table.splitlines()
+    assert "| arm | model | method | protocol | init | 100% | 100% 95% CI | 10% | 10% 95% CI |" in lines
+    body = [line for line in lines if line.startswith("| cnn") or line.startswith("| vit")]
+    assert body == [  # grouped by arm (the cnn rows together), in the order the records came
+        "| cnn | resnet_tiny | cass | finetune | cass | 0.8000 ± 0.1000 (n=3) | [0.5516, 1.0484] "
+        "| 0.5000 ± 0.0000 (n=1) | – |",
+        "| cnn | resnet_tiny | none | finetune | random | 0.4000 ± 0.0000 (n=1) | – | – | – |",
+        "| vit | vit_micro_patch16 | dino | finetune | dino | 0.6000 ± 0.0000 (n=1) | – | – | – |",
+    ]
+
+
+def test_pretraining_table_shows_wall_time_and_throughput():
+    runs = [{"method": "dino", "backbones": {"vit": "vit_micro_patch16"}, "images": 256, "epochs": 4,
+             "batch_size": 16, "steps": 64, "start_step": 0, "wall_seconds": 61.7, "images_per_second": 123.45},
+            {"method": "cass", "backbones": {"cnn": "resnet_tiny", "vit": "vit_micro_patch16"}, "images": 256,
+             "epochs": 4, "batch_size": 16, "steps": 64, "start_step": 64, "wall_seconds": 3.2,
+             "images_per_second": None}]
+    lines = metrics.pretraining_table(runs).splitlines()
+    assert "| dino | vit: vit_micro_patch16 | 256 | 4 | 16 | 64 | 62 | 123.5 |" in lines
+    assert ("| cass | cnn: resnet_tiny, vit: vit_micro_patch16 | 256 | 4 | 16 | 64 | 3 (that invocation, resumed "
+            "at step 64) | – |") in lines

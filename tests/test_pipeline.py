@@ -1,4 +1,5 @@
-"""The downstream pipeline end to end with tiny arms: tables, ensemble, reproducibility, reuse, real data."""
+"""The downstream pipeline end to end with tiny arms: tables, ensemble, reproducibility, reuse, real data, and the
+comparison of methods (`config.methods`)."""
 
 import json
 from pathlib import Path
@@ -6,8 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cass_jax import finetune, metrics
-from cass_jax.pipeline import ensure_pretrained, run_pipeline
+from cass_jax import finetune, metrics, pretrain
+from cass_jax.pipeline import (
+    comparison_arm_inits,
+    ensure_pretrained,
+    pipeline_methods,
+    pretraining_roots,
+    run_pipeline,
+)
 from configs.common import base_config, tiny_arms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +70,14 @@ def test_pipeline_pretrains_then_writes_tables(demo_run):
     on_disk = json.loads((workdir / "results.json").read_text())
     assert on_disk["summary"] == results["summary"]
     table = (workdir / "results.md").read_text()
-    assert "### macro_f1" in table and "| ensemble | finetune | cass |" in table and "| 100% | 50% |" in table
+    assert "### macro_f1" in table and "| 100% | 100% 95% CI | 50% | 50% 95% CI |" in table
+    assert "| ensemble | resnet_tiny+vit_micro_patch16 | cass | finetune | cass |" in table
+    assert {r["method"] for r in runs} == {"cass"}
+    [timing] = results["pretraining"]
+    assert timing["method"] == "cass" and timing["steps"] == timing["images"] // 8 and timing["start_step"] == 0
+    assert timing["wall_seconds"] > 0 and timing["images_per_second"] > 0
+    assert (f"| cass | cnn: resnet_tiny, vit: vit_micro_patch16 | {timing['images']} | 1 | 8 | {timing['steps']} | "
+            f"{timing['wall_seconds']:.0f} |") in table
     run_dir = workdir / "downstream" / "cnn_linear_probe_cass_f1_s0"
     assert (run_dir / "result.json").is_file() and list(run_dir.glob("events.out.tfevents.*"))
 
@@ -139,3 +153,92 @@ def test_readme_snippet_loads_each_exported_arm_as_written(demo_run):
         assert inputs.shape == (2, 128, 128, 3)
         logits, features = loaded.model.apply(loaded.variables, inputs, train=False, return_features=True)
         assert logits.shape == (2, 1000) and features.shape[0] == 2
+
+
+def comparison_config():
+    """The three methods at 64 px on 32 phantoms with small heads: 1 pretraining epoch each, then one seed and one
+    label fraction of 1-epoch fine-tuning."""
+    c = tiny_config(num_images=32)
+    tiny_arms(c, image_size=64)
+    c.data.synthetic_size = 64
+    c.methods = ("cass", "dino", "barlow_twins")
+    c.dino.update(out_dim=128, hidden_dim=32, bottleneck_dim=16, local_crops_number=2)
+    c.barlow_twins.projector = (64, 64, 64)
+    d = c.downstream
+    d.protocols = ("finetune",)
+    d.label_fractions = (1.0,)
+    d.seeds = (0,)
+    d.save_models = "none"
+    return c
+
+
+@pytest.fixture(scope="module")
+def comparison_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("comparison")
+    config = comparison_config()
+    return config, workdir, run_pipeline(config, workdir)
+
+
+def test_comparison_evaluates_every_exported_arm_of_every_method_and_the_arms_without_pretraining(comparison_run):
+    _, workdir, results = comparison_run
+    for method, arms in (("cass", {"cnn", "vit"}), ("dino", {"vit"}), ("barlow_twins", {"cnn"})):
+        exports = pretrain.read_exports(workdir / "pretrain" / method)
+        assert set(exports) == arms and {entry["method"] for entry in exports.values()} == {method}
+    assert not (workdir / "export").exists()
+    runs = {(r["arm"], r["method"], r["init"]): r for r in results["runs"]}
+    assert set(runs) == {
+        ("cnn", "cass", "cass"), ("vit", "cass", "cass"), ("vit", "dino", "dino"),
+        ("cnn", "barlow_twins", "barlow_twins"), ("cnn", "none", "arm_init"), ("vit", "none", "arm_init"),
+        ("ensemble", "cass", "cass"), ("ensemble", "none", "arm_init")}
+    assert runs[("vit", "dino", "dino")]["weights"] == str(workdir / "pretrain" / "dino" / "export" / "vit_swa.msgpack")
+    assert runs[("cnn", "none", "arm_init")]["weights"] is None  # config.cnn.init = random
+    assert {r["label_fraction"] for r in results["runs"]} == {1.0}
+    assert [t["method"] for t in results["pretraining"]] == ["cass", "dino", "barlow_twins"]
+    table = (workdir / "results.md").read_text()
+    assert "| arm | model | method | protocol | init | 100% | 100% 95% CI |" in table
+    assert "| vit | vit_micro_patch16 | dino | finetune | dino | " in table
+    assert "| cnn | resnet_tiny | none | finetune | arm_init | " in table
+    assert "| method | backbones | images | epochs | batch | steps | wall time (s) | images/s |" in table
+    for timing in results["pretraining"]:
+        assert f"| {timing['method']} | " in table.split("### Pretraining")[1] and timing["wall_seconds"] > 0
+
+
+def test_comparison_rerun_reuses_every_export(comparison_run, monkeypatch):
+    config, workdir, _ = comparison_run
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("a finished export was pretrained again")
+
+    monkeypatch.setattr(pretrain, "pretrain", no_pretraining)
+    config.downstream.protocols = ("linear_probe",)
+    config.downstream.arms = ("vit",)
+    results = run_pipeline(config, workdir)
+    assert {(r["arm"], r["method"], r["protocol"]) for r in results["runs"]} == {
+        ("vit", "cass", "linear_probe"), ("vit", "dino", "linear_probe"), ("vit", "none", "linear_probe")}
+    assert len(results["pretraining"]) == 3
+
+
+def test_methods_are_read_from_a_string_or_a_sequence_and_checked():
+    config = tiny_config()
+    assert pipeline_methods(config) == ()
+    for value in ("cass, dino,barlow_twins", ("cass,dino", "barlow_twins", "dino")):
+        config.methods = value if isinstance(value, tuple) else (value,)
+        assert pipeline_methods(config) == ("cass", "dino", "barlow_twins")
+    config.methods = ("cass,byol",)
+    with pytest.raises(ValueError, match="'byol'"):
+        pipeline_methods(config)
+
+
+def test_a_missing_pretraining_of_a_compared_method_is_an_error_not_a_skipped_row(tmp_path):
+    config = comparison_config()
+    config.downstream.pretrain_workdir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No finished CASS pretraining in .*pretrain/cass"):
+        comparison_arm_inits(config, tmp_path, pretraining_roots(config, tmp_path))
+
+
+def test_an_export_of_another_method_is_not_reused(demo_run):
+    config, workdir, _ = demo_run
+    other = config.copy_and_resolve_references()
+    other.method = "dino"
+    with pytest.raises(ValueError, match="holds a cass pretraining, not config.method='dino'"):
+        ensure_pretrained(other, workdir)

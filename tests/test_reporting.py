@@ -2,16 +2,19 @@
 
 import logging
 
+import numpy as np
 import pytest
 
 from cass_jax import reporting
 
 
 def test_eta_uses_the_rate_after_compilation(monkeypatch):
-    clock = iter([0.0, 30.0, 32.0, 32.0, 32.0])  # construction, compiled at step 1, then step 11 twice
+    clock = iter([0.0, 30.0, 32.0, 32.0, 32.0, 32.0])  # construction, compiled at step 1, then step 11 thrice
     monkeypatch.setattr(reporting.time, "monotonic", lambda: next(clock))
     progress = reporting.ProgressLine(total_steps=101, global_batch_size=4)
+    assert np.isnan(progress.mean_images_per_second(1))  # nothing timed yet (reads no clock)
     progress.compiled(1)  # the first step took 30 s: compilation
+    assert progress.mean_images_per_second(11) == pytest.approx(10 * 4 / 2.0)  # what pretraining.json records
     assert progress.images_per_second(11) == pytest.approx(10 * 4 / 2.0)
     assert progress.eta_seconds(11, images_per_second=1.0) == pytest.approx(90 * 0.2)  # 0.2 s per step since
     assert "ETA 00:00:18" in progress.line(11, {"loss": 1.0}, 20.0)
@@ -36,6 +39,7 @@ def test_library_info_lines_are_dropped_and_warnings_kept():
         orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
         assert not absl_logger.filter(_record(orbax, logging.INFO))
         assert absl_logger.filter(_record(orbax, logging.WARNING))
+        assert not absl_logger.filter(_record("/site-packages/clu/platform/local.py", logging.INFO))
         assert absl_logger.filter(_record("/repo/cass_jax/pretrain.py", logging.INFO))
     finally:
         reporting.quiet_library_logs(False)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
+from cass_jax import metrics as classification_metrics
 from cass_jax.segmentation import losses, metrics
 
 
@@ -151,9 +152,9 @@ def test_class_scores_and_means():
 
 def test_mean_confidence_interval():
     values = [1.0, 2.0, 3.0, 4.0, 5.0]
-    result = metrics.mean_confidence_interval(values)
+    result = classification_metrics.mean_confidence_interval(values)
     assert result["mean"] == 3.0 and result["n"] == 5
     assert result["half_width"] == pytest.approx(2.7764451 * np.sqrt(2.5) / np.sqrt(5), rel=1e-6)
     low, high = scipy.stats.t.interval(0.95, 4, loc=3.0, scale=scipy.stats.sem(values))
     assert (result["low"], result["high"]) == pytest.approx((low, high))
-    assert np.isnan(metrics.mean_confidence_interval([0.8])["half_width"])
+    assert np.isnan(classification_metrics.mean_confidence_interval([0.8])["half_width"])

@@ -92,4 +92,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.synthetic_num_images = 400
     c.synthetic_size = 224
     c.synthetic_seed = 0
+    # Synthetic phantoms: lesion contrast and radius, as multiples of the defaults' deliberately faint, small ones
+    # (1.0); the demo raises both so that tiny random arms learn the four classes within its few epochs.
+    c.synthetic_contrast = 1.0
+    c.synthetic_lesion_scale = 1.0
     return c

@@ -180,15 +180,19 @@ class TfdsImageSource(ImageSource):
 class SyntheticSource(ImageSource):
     """Procedural MRI-like phantoms (see `synthetic.py`), generated on access."""
 
-    def __init__(self, num_images: int, size: int, seed: int, rows=None):
+    def __init__(self, num_images: int, size: int, seed: int, rows=None, contrast: float = 1.0,
+                 lesion_scale: float = 1.0):
         labels = np.asarray([synthetic_label(i) for i in range(num_images)], dtype=np.int64)
         ids = [f"synthetic_{seed}_{i:06d}" for i in range(num_images)]
         super().__init__(labels, ids, SYNTHETIC_CLASS_NAMES, False, rows)
         self.size = size
         self.seed = seed
+        self.contrast = contrast
+        self.lesion_scale = lesion_scale
 
     def load_image(self, row: int) -> np.ndarray:
-        return synthetic_phantom(row, seed=self.seed, size=self.size)
+        return synthetic_phantom(row, seed=self.seed, size=self.size, contrast=self.contrast,
+                                 lesion_scale=self.lesion_scale)
 
 
 def is_image_file(path: Path) -> bool:
@@ -530,7 +534,11 @@ def source_splits_from_config(data_config) -> dict[str, ImageSource]:
     if kind == "synthetic":
         return {
             "train": SyntheticSource(
-                data_config.synthetic_num_images, data_config.synthetic_size, data_config.synthetic_seed
+                data_config.synthetic_num_images,
+                data_config.synthetic_size,
+                data_config.synthetic_seed,
+                contrast=data_config.synthetic_contrast,
+                lesion_scale=data_config.synthetic_lesion_scale,
             )
         }
     raise DataError(f"Unknown data.source {kind!r}; use 'folder', 'csv', 'tfds' or 'synthetic'.")

@@ -25,7 +25,8 @@ def synthetic_label(index: int) -> int:
     return index % len(SYNTHETIC_CLASS_NAMES)
 
 
-def synthetic_phantom(index: int, seed: int = 0, size: int = 224) -> np.ndarray:
+def synthetic_phantom(index: int, seed: int = 0, size: int = 224, contrast: float = 1.0,
+                      lesion_scale: float = 1.0) -> np.ndarray:
     """Returns phantom `index` as uint8 (size, size, 3), RGB with equal channels.
 
     A head (bright skull ring around textured brain with darker ventricles), randomly rotated,
@@ -33,7 +34,9 @@ def synthetic_phantom(index: int, seed: int = 0, size: int = 224) -> np.ndarray:
     glioma: large irregular lesion with a bright rim and dark core inside a hemisphere;
     meningioma: bright round lesion touching the skull; notumor: none;
     pituitary: small bright lesion on the midline below the brain centre.
-    Lesion contrast is deliberately low relative to texture and noise, so the task is not trivial.
+    Lesions are deliberately faint and small relative to texture and noise, so the task is not trivial.
+    `contrast` and `lesion_scale` multiply their contrast and radius: 1.0 gives these images bit for bit; the demo
+    raises both so that tiny random arms learn the classes within its few minutes.
     """
     label = synthetic_label(index)
     rng = np.random.default_rng([seed, index])
@@ -60,11 +63,11 @@ def synthetic_phantom(index: int, seed: int = 0, size: int = 224) -> np.ndarray:
     for side in (-1, 1):
         vr = np.sqrt(((u - side * 0.1) / 0.07) ** 2 + ((v + 0.05) / 0.2) ** 2)
         image[vr < 1] -= rng.uniform(0.15, 0.25)
-    lesion_contrast = rng.uniform(0.12, 0.3)
+    lesion_contrast = rng.uniform(0.12, 0.3) * contrast
     if label == 0:  # glioma: irregular lesion, bright rim, dark necrotic core, inside a hemisphere.
         side = rng.choice([-1, 1])
         lx, ly = side * rng.uniform(0.25, 0.45), rng.uniform(-0.45, 0.25)
-        radius = rng.uniform(0.14, 0.24)
+        radius = rng.uniform(0.14, 0.24) * lesion_scale
         phi = np.arctan2(v - ly, u - lx)
         wobble = 1 + 0.25 * np.sin(3 * phi + rng.uniform(0, 6.3)) + 0.15 * np.sin(5 * phi + rng.uniform(0, 6.3))
         d = np.sqrt((u - lx) ** 2 + (v - ly) ** 2) / (radius * wobble)
@@ -72,13 +75,13 @@ def synthetic_phantom(index: int, seed: int = 0, size: int = 224) -> np.ndarray:
         image[(d <= 0.7) & brain] -= lesion_contrast * 0.6
     elif label == 1:  # meningioma: round, homogeneous, bright, attached to the skull.
         theta = rng.uniform(0, 2 * np.pi)
-        radius = rng.uniform(0.1, 0.18)
+        radius = rng.uniform(0.1, 0.18) * lesion_scale
         lx, ly = np.cos(theta) * ax * (0.9 - radius * 0.8), np.sin(theta) * ay * (0.9 - radius * 0.8)
         d = np.sqrt((u - lx) ** 2 + (v - ly) ** 2) / radius
         image[(d < 1) & brain] += lesion_contrast
     elif label == 3:  # pituitary: small bright lesion on the midline, low in the brain.
         lx, ly = rng.uniform(-0.05, 0.05), rng.uniform(0.35, 0.5)
-        radius = rng.uniform(0.06, 0.11)
+        radius = rng.uniform(0.06, 0.11) * lesion_scale
         d = np.sqrt(((u - lx) / radius) ** 2 + ((v - ly) / (radius * 0.8)) ** 2)
         image[(d < 1) & brain] += lesion_contrast * 1.3
     image *= rng.uniform(0.8, 1.2)

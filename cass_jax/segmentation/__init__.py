@@ -35,14 +35,14 @@ from cass_jax.segmentation.data import (
 from cass_jax.segmentation.evaluation import evaluate_volumes, segment_slices
 from cass_jax.segmentation.loader import two_stream_iterator
 from cass_jax.segmentation.losses import consistency_weight, cross_entropy, dice_loss, sigmoid_rampup
-from cass_jax.segmentation.metrics import class_scores, mean_confidence_interval, mean_scores, structure_scores
+from cass_jax.segmentation.metrics import class_scores, mean_scores, structure_scores
 
 __all__ = [
     "ACDC_CLASS_NAMES", "ACDC_STEM_PATTERN", "NETWORKS", "CrossTeaching", "CrossTeachingConfig",
     "CrossTeachingState", "Networks", "RandomGenerator", "ResizeOnly", "SegmentationSource", "acdc_splits",
     "build_networks", "class_scores", "consistency_weight", "cross_entropy", "cross_teaching_step", "csv_pairs",
     "dice_loss", "evaluate", "evaluate_volumes", "folder_pairs", "init", "jit_train_step", "labeled_split",
-    "mean_confidence_interval", "mean_scores", "network_variables", "predict_labels", "segment_slices",
+    "mean_scores", "network_variables", "predict_labels", "segment_slices",
     "segmentation_losses", "sgd_poly", "sigmoid_rampup", "structure_scores", "supervised_step", "train_step",
     "two_stream_iterator", "volume_groups",
 ]

@@ -1,4 +1,4 @@
-"""Segmentation scores: per-class Dice, IoU and HD95 of a 2D slice or a 3D volume, and means over seeds with a 95% CI.
+"""Segmentation scores: per-class Dice, IoU and HD95 of a 2D slice or a 3D volume, and their means over cases.
 
 Dice, IoU and HD95 are MedPy's (`medpy.metric.binary.dc/jc/hd95`), the implementation SSL4MIS's `val_2D.py` calls.
 Empty structures follow SSL4MIS (see `structure_scores`); scores are NumPy, computed on the host after prediction.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import scipy.stats
 from medpy.metric import binary as medpy_binary
+
 
 METRIC_NAMES = ("dice", "iou", "hd95")
 EMPTY_POLICIES = ("ssl4mis", "ignore_empty_reference")
@@ -70,20 +70,3 @@ def mean_scores(cases: Sequence[Mapping[str, np.ndarray]], prefix: str = "") -> 
             summary[f"{prefix}{name}/class_{c}"] = float(value)
         summary[f"{prefix}{name}/mean"] = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else np.nan
     return summary
-
-
-def mean_confidence_interval(values: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
-    """Mean over seeds and its Student-t confidence interval: mean +- t_{(1+c)/2, n-1} * s / sqrt(n).
-
-    Returns {"mean", "low", "high", "half_width", "std", "n"}; with one value the interval is undefined (NaN).
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"Need a non-empty 1-D list of per-seed values, got shape {values.shape}.")
-    n, mean = int(values.size), float(values.mean())
-    if n < 2:
-        return {"mean": mean, "low": np.nan, "high": np.nan, "half_width": np.nan, "std": np.nan, "n": n}
-    std = float(values.std(ddof=1))
-    half_width = float(scipy.stats.t.ppf((1.0 + confidence) / 2.0, df=n - 1) * std / np.sqrt(n))
-    return {"mean": mean, "low": mean - half_width, "high": mean + half_width, "half_width": half_width,
-            "std": std, "n": n}

@@ -31,7 +31,7 @@ from cass_jax.segmentation.evaluation import evaluate_volumes
 from cass_jax.segmentation.figures import prediction_grid, write_mask_png
 from cass_jax.segmentation.loader import images_to_float, two_stream_iterator
 from cass_jax.segmentation.losses import consistency_weight
-from cass_jax.segmentation.metrics import mean_confidence_interval
+from cass_jax.metrics import mean_confidence_interval
 from cass_jax.segmentation.segmenter import save_segmenter
 from cass_jax.training_loop import LoopHooks, LoopSettings, run_loop
 
