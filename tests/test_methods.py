@@ -18,33 +18,17 @@ from cass_jax.methods import barlow_twins, dino, dino_parts
 from cass_jax.models import create_model
 from cass_jax.port import load_variables
 from cass_jax.pretrain import pretrain, read_exports
-from configs.common import base_config, tiny_arms
+from tests.test_pretrain import tiny_config as pretrain_tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(method: str, image_size: int = 32, **overrides):
     """Tiny arms, small heads and crops, 24 synthetic phantoms: 3 steps per epoch of 8 images, 2 epochs."""
-    c = base_config()
-    tiny_arms(c, image_size=image_size)
-    c.method = method
-    c.dino.update(out_dim=128, hidden_dim=32, bottleneck_dim=16, local_crops_number=2)
-    c.barlow_twins.projector = (64, 64, 64)
-    c.data.source = "synthetic"
-    c.data.synthetic_num_images = 24
-    c.data.synthetic_size = 64
-    c.batch_size = 8
-    c.num_epochs = 2
-    c.log_every_steps = 1
-    c.checkpoint_every_steps = 1000
-    c.swa.start_fraction = 0.5
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return c
+    small_heads = {"method": method, "dino.out_dim": 128, "dino.hidden_dim": 32, "dino.bottleneck_dim": 16,
+                   "dino.local_crops_number": 2, "barlow_twins.projector": (64, 64, 64)}
+    return pretrain_tiny_config(image_size=image_size, num_images=24, synthetic_size=64,
+                                **{**small_heads, **overrides})
 
 
 def changed_leaves(before, after) -> dict[str, bool]:

@@ -20,13 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 BRAIN_MRI = REPO.parent / "shared" / "data" / "brain_mri_small"
 
 
-def tiny_config(**overrides):
-    """Tiny arms on 64 synthetic phantoms at 128 px: 6 steps per epoch of 8 images."""
+def tiny_config(image_size: int = 128, num_images: int = 64, synthetic_size: int = 128, **overrides):
+    """Tiny arms on 64 synthetic phantoms at 128 px: 6 steps per epoch of 8 images; `overrides` set dotted keys."""
     c = base_config()
-    tiny_arms(c, image_size=128)
+    tiny_arms(c, image_size=image_size)
     c.data.source = "synthetic"
-    c.data.synthetic_num_images = 64
-    c.data.synthetic_size = 128
+    c.data.synthetic_num_images = num_images
+    c.data.synthetic_size = synthetic_size
     c.batch_size = 8
     c.num_epochs = 2
     c.log_every_steps = 1
