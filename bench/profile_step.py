@@ -1,7 +1,9 @@
-"""Where one CASS training step spends its time on XLA:CPU: a jax.profiler trace, summed by HLO op shape.
+"""Where one training step spends its time on XLA:CPU: a jax.profiler trace, summed by HLO op shape.
 
 python bench/profile_step.py [--setting small:16:224] [--kernel-grad auto] [--top 30] [--trace-dir DIR]
-Runs `bench/cass_step.py`'s step (same arms, batch and size) once to compile, traces one more step, and prints
+Runs `bench/cass_step.py`'s step (same arms, batch and size), or with `--setting seg:full` / `seg:small`
+`bench/cross_teaching_step.py`'s cross-teaching step (8 + 8 images), or with `--setting dino:resnet18` /
+`barlow_twins:resnet18` bench/method_step.py's step (its defaults), once to compile, traces one more step, and prints
 the ops (XLA:CPU emits one trace event per thunk) grouped by what they compute: the op kind, the fused ops
 inside, the output shape and, for products and convolutions, their dimensions. Reading the trace needs
 tensorflow (requirements-dev.txt) for the XSpace protobuf. Run it on one core (`taskset -c 0`, with
@@ -21,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cass_jax.methods.cass import build_arms, initial_state, train_step
+from cass_jax.pretrain import build_method
 from configs.common import base_config
 
 ARMS = {"big": ("resnet50", "vit_base_patch16_224"), "small": ("resnet18", "vit_tiny_patch16_224")}
@@ -51,30 +54,84 @@ def hlo_signatures(hlo_text: str) -> dict[str, str]:
     return signatures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", default="small:16:224", help="big|small:BATCH:SIZE")
-    parser.add_argument("--kernel-grad", default="auto")
-    parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--trace-dir", default="", help="keep the trace here (default: a temporary folder)")
-    args = parser.parse_args()
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    variant, batch, size = args.setting.split(":")
+def cass_step(setting: str, kernel_grad: str):
+    """The compiled CASS step of bench/cass_step.py and a function that runs it once."""
+    variant, batch, size = setting.split(":")
     config = base_config()
     config.cnn.name, config.vit.name = ARMS[variant]
     config.cnn.init = config.vit.init = "random"
-    config.cnn.kernel_grad = config.vit.kernel_grad = args.kernel_grad
+    config.cnn.kernel_grad = config.vit.kernel_grad = kernel_grad
     config.data.image_size, config.optim.schedule = int(size), "constant"
     arms = build_arms(config, total_steps=1000, steps_per_epoch=100)
     state = initial_state(config, arms)
     step = jax.jit(functools.partial(train_step, arms=arms))
     images = {"image": np.random.default_rng(0).normal(size=(int(batch), int(size), int(size), 3)).astype(np.float32)}
     compiled = step.lower(state, images).compile()
-    jax.block_until_ready(compiled(state, images))
+    return compiled, lambda: compiled(state, images)
+
+
+def cross_teaching_step(setting: str):
+    """The compiled cross-teaching step of bench/cross_teaching_step.py (8 + 8 images) and a function that runs it."""
+    from bench.cross_teaching_step import SETTINGS, config_for, make_batch
+    from cass_jax import parallel
+    from cass_jax.segmentation.cross_teaching import CrossTeaching
+
+    size = SETTINGS[setting][2]
+    method = CrossTeaching(config_for(setting, size, 8, 8))
+    state = method.init(jax.random.key(0))
+    batch = jax.device_put(make_batch(8, 8, size), parallel.batch_sharding(method.mesh))
+    rng = jax.random.fold_in(state.rng, state.step)
+    compiled = method.jitted_step.lower(state, batch, rng).compile()
+    holder = {"state": state}
+
+    def run():  # the step donates its state: feed each call the state the last one returned
+        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        return metrics
+
+    return compiled, run
+
+
+def method_step(method: str, backbone: str):
+    """The compiled DINO or Barlow Twins step of bench/method_step.py (its default crops, heads and batch)."""
+    from bench.method_step import crop_sizes, method_config, parser
+
+    model_args = parser().parse_args([])
+    model = build_method(method_config(method, backbone, model_args), 10_000, 100)
+    state = model.initial_state()
+    rng = np.random.default_rng(0)
+    batch = {key: rng.normal(size=(model_args.batch, size, size, 3)).astype(np.float32)
+             for key, size in crop_sizes(model.views).items()}
+    compiled = jax.jit(model.train_step, donate_argnums=0).lower(state, batch).compile()
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics
+
+    return compiled, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="small:16:224",
+                        help="big|small:BATCH:SIZE, seg:full|small, dino|barlow_twins:BACKBONE")
+    parser.add_argument("--kernel-grad", default="auto")
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--trace-dir", default="", help="keep the trace here (default: a temporary folder)")
+    args = parser.parse_args()
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    kind, _, rest = args.setting.partition(":")
+    if kind == "seg":
+        compiled, run_step = cross_teaching_step(rest)
+    elif kind in ("dino", "barlow_twins"):
+        compiled, run_step = method_step(kind, rest)
+    else:
+        compiled, run_step = cass_step(args.setting, args.kernel_grad)
+    jax.block_until_ready(run_step())
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="cass_profile_")
     with jax.profiler.trace(trace_dir):
-        jax.block_until_ready(compiled(state, images))
+        jax.block_until_ready(run_step())
 
     signatures = hlo_signatures(compiled.as_text())
     space = xplane_pb2.XSpace()

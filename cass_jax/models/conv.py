@@ -4,9 +4,11 @@ XLA:CPU computes a convolution's kernel gradient with Eigen's generic spatial co
 a ResNet's shapes: 5-27x slower for 1x1 convs than the same sum written as one matrix product, and 1.3-6.5x
 for 3x3 convs and the 7x7 stem against the paths below (bench/conv_kernel_grad.py, BENCHMARKS.md).
 `matmul_grad_conv` is a drop-in for `lax.conv_general_dilated` as `nn.Conv(conv_general_dilated=...)` calls it:
-the forward values and the input gradient are XLA's own; only the kernel gradient is summed differently (same
-value up to float rounding). Anything other than a plain NHWC/HWIO convolution (dilation, groups) falls back to
-`lax.conv_general_dilated` unchanged.
+the forward values and the input gradient are XLA's convolution, except that 1x1 convolutions (any stride) are
+one matrix product over channels and convolutions onto maps of at most 4x4 one im2col product, forward and back
+(XLA:CPU is up to 70x slower there); the kernel gradient is summed differently (same value up to float rounding).
+Anything other than a plain NHWC/HWIO convolution (dilation, groups) falls back to `lax.conv_general_dilated`
+unchanged.
 """
 
 import functools
@@ -26,31 +28,51 @@ THIN_INPUT_CHANNELS = 4
 LARGE_MAP_POSITIONS = 28 * 28
 CHUNK_POSITIONS = 1568
 MAX_CHUNKS = 32
+# Output maps of at most this many positions (4x4) are convolved as one im2col product (forward and input gradient).
+SMALL_MAP_POSITIONS = 16
+
+
+def _windows(x: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int], padding: tuple) -> list[jax.Array]:
+    """Per kernel tap (i, j), row-major: the (N, out_h, out_w, C) input values that tap multiplies."""
+    kh, kw, cin, _ = kernel_shape
+    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    out_h = (padded.shape[1] - kh) // strides[0] + 1
+    out_w = (padded.shape[2] - kw) // strides[1] + 1
+    return [lax.slice(padded, (0, i, j, 0), (x.shape[0], i + strides[0] * (out_h - 1) + 1,
+                                             j + strides[1] * (out_w - 1) + 1, cin), (1, strides[0], strides[1], 1))
+            for i in range(kh) for j in range(kw)]
 
 
 def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> jax.Array:
+    kh, kw, cin, cout = kernel.shape
+    if (kh, kw) == (1, 1) and all(lo == hi == 0 for lo, hi in padding):
+        # A 1x1 convolution is a matrix product over channels; Eigen's convolution is up to 6x slower for it when
+        # the output is narrow (a segmentation head's 96 -> 4 classes, ResNet-50's 256 -> 64 reductions).
+        x = x[:, ::strides[0], ::strides[1], :]
+        return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    windows = _windows(x, kernel.shape, strides, padding)
+    if windows[0].shape[1] * windows[0].shape[2] <= SMALL_MAP_POSITIONS:
+        # On tiny output maps Eigen's convolution collapses (3x3, 512 channels, 2x2 maps: 70x slower than this);
+        # the taps side by side (im2col) make one matrix product, in the kernel's HWIO order.
+        patches = jnp.concatenate(windows, axis=-1)
+        return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
     return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC_HWIO)
 
 
 def _tap_products(x: jax.Array, grad: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
                   padding: tuple) -> jax.Array:
     """sum over (n, h, w) of x[n, s*h + i, s*w + j, c] * grad[n, h, w, d], as one (C, D) product per tap (i, j)."""
-    kh, kw, cin, cout = kernel_shape
-    n, out_h, out_w, _ = grad.shape
-    padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    cin, cout = kernel_shape[2], kernel_shape[3]
     rows = grad.reshape(-1, cout)
     taps = []
-    for i in range(kh):
-        for j in range(kw):
-            window = lax.slice(padded, (0, i, j, 0),
-                               (n, i + strides[0] * (out_h - 1) + 1, j + strides[1] * (out_w - 1) + 1, cin),
-                               (1, strides[0], strides[1], 1)).reshape(-1, cin)
-            # The narrower operand goes first: Eigen's products are fastest with the short side as rows.
-            if cin <= cout:
-                tap = lax.dot_general(window, rows, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-            else:
-                tap = lax.dot_general(rows, window, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32).T
-            taps.append(tap)
+    for window in _windows(x, kernel_shape, strides, padding):
+        window = window.reshape(-1, cin)
+        # The narrower operand goes first: Eigen's products are fastest with the short side as rows.
+        if cin <= cout:
+            tap = lax.dot_general(window, rows, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        else:
+            tap = lax.dot_general(rows, window, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32).T
+        taps.append(tap)
     return jnp.stack(taps).reshape(kernel_shape)
 
 
