@@ -67,6 +67,9 @@ def default_downstream_config() -> ml_collections.ConfigDict:
     c.use_swa = True
     # Where to find the pretraining export for "cass"/"cass_raw"; empty means the workdir itself.
     c.pretrain_workdir = ""
+    # Pipeline with config.methods: also evaluate the arms without self-supervision (config.<arm>.init). False
+    # leaves them to another invocation, when a long comparison is run one method at a time.
+    c.evaluate_baseline = True
     # Adam with a cosine decay from lr to 0 over max_epochs; early stopping on the mean validation loss.
     c.lr = 3e-4
     c.max_epochs = 50
@@ -709,6 +712,36 @@ def write_results(workdir: str | Path, records: Iterable[Mapping[str, Any]], mul
     print(markdown, flush=True)
     logging.info("Wrote %s and %s", workdir / "results.md", workdir / "results.json")
     return results
+
+
+def merge_results(result_files: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """One table from several pipeline invocations' results.json (a long comparison run one method at a time).
+
+    Runs are keyed by arm, method, init, protocol, label fraction, seed and model: a run present in several files
+    must have the same scores in each (the baseline of two invocations with the same seeds), else it is an error,
+    as are files of different classes. Pretraining timings are kept once per method and backbones.
+    """
+    keys = ("arm", "method", "init", "protocol", "label_fraction", "seed", "model")
+    runs: dict[tuple, dict[str, Any]] = {}
+    pretraining: dict[tuple, dict[str, Any]] = {}
+    class_names = multi_label = None
+    for path in map(Path, result_files):
+        results = json.loads(path.read_text())
+        if class_names is not None and (results["class_names"], results["multi_label"]) != (class_names, multi_label):
+            raise ValueError(f"{path} has classes {results['class_names']}, the files before it {class_names}: "
+                             "merge only results of the same data.")
+        class_names, multi_label = results["class_names"], results["multi_label"]
+        for record in results["runs"]:
+            key = tuple(json.dumps(record.get(name)) for name in keys)
+            if key in runs and runs[key].get("test_metrics") != record.get("test_metrics"):
+                raise ValueError(f"{path} has run {dict(zip(keys, key))} with other test scores than an earlier file; "
+                                 "were they made with other settings?")
+            runs.setdefault(key, record)
+        for timing in results.get("pretraining", []):
+            pretraining.setdefault((timing["method"], json.dumps(timing["backbones"], sort_keys=True)), timing)
+    if class_names is None:
+        raise ValueError("merge_results needs at least one results.json.")
+    return write_results(out_dir, list(runs.values()), multi_label, class_names, list(pretraining.values()))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:

@@ -43,54 +43,84 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str | Path) ->
 
 def pipeline_methods(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The methods `config.methods` compares, in order: "cass,dino" from the command line (which ml_collections
-    may hand over as ("cass,dino",)) or a sequence of names; () when unset (then only `config.method` runs)."""
+    may hand over as ("cass,dino",)) or a sequence of names; () when unset (then only `config.method` runs).
+
+    A one-backbone method may name its arm, "dino:cnn" or "barlow_twins:vit", overriding config.<method>.arm, so
+    one comparison can pretrain DINO on both arms ("cass,dino:cnn,dino:vit").
+    """
     value = config.get("methods", ())
     parts = [value] if isinstance(value, str) else list(value)
     names = tuple(dict.fromkeys(name.strip() for part in parts for name in part.split(",") if name.strip()))
-    unknown = [name for name in names if name not in pretrain_lib.METHODS]
+    unknown = [name for name in names if split_method_entry(name)[0] not in pretrain_lib.METHODS]
     if unknown:
         raise ValueError(f"config.methods names {', '.join(map(repr, unknown))}; "
-                         f"use some of {', '.join(pretrain_lib.METHODS)}.")
+                         f"use some of {', '.join(pretrain_lib.METHODS)} (DINO and Barlow Twins optionally with "
+                         "an arm: dino:cnn, dino:vit).")
+    for name in names:
+        method, arm = split_method_entry(name)
+        if arm and (method == "cass" or arm not in finetune.ARMS):
+            raise ValueError(f"config.methods entry {name!r}: " + (
+                "CASS pretrains both arms together; write plain 'cass'." if method == "cass"
+                else f"the arm must be one of {', '.join(finetune.ARMS)}."))
     return names
 
 
-def method_config(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """A copy of `config` that pretrains `method` (its recipe comes from the config's `<method>` block)."""
+def split_method_entry(entry: str) -> tuple[str, str]:
+    """"dino:cnn" -> ("dino", "cnn"); "cass" -> ("cass", "")."""
+    method, _, arm = entry.partition(":")
+    return method.strip(), arm.strip()
+
+
+def entry_title(entry: str) -> str:
+    """"dino:cnn" -> "DINO (cnn)", for log lines and errors."""
+    method, arm = split_method_entry(entry)
+    return TITLES[method] + (f" ({arm})" if arm else "")
+
+
+def method_config(config: ml_collections.ConfigDict, entry: str) -> ml_collections.ConfigDict:
+    """A copy of `config` that pretrains the method of `entry` (its recipe from the config's `<method>` block,
+    on the entry's arm when it names one)."""
+    method, arm = split_method_entry(entry)
     copy = config.copy_and_resolve_references()
     copy.method = method
+    if arm:
+        copy[method].arm = arm
     return copy
 
 
 def pretraining_roots(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Path]:
-    """Where each compared method's pretraining lives: `<root>/pretrain/<method>/`, the root being
-    `downstream.pretrain_workdir` when set (exports read, never written) else the workdir; without
+    """Where each compared method's pretraining lives: `<root>/pretrain/<method>/` (`dino_cnn/` for "dino:cnn"),
+    the root being `downstream.pretrain_workdir` when set (exports read, never written) else the workdir; without
     `config.methods`, `config.method`'s pretraining in the root itself (`<root>/export`, the one-method layout)."""
     root = Path(config.downstream.pretrain_workdir or workdir)
     methods = pipeline_methods(config)
     if not methods:
         return {pretrain_lib.method_name(config): root}
-    return {method: root / "pretrain" / method for method in methods}
+    return {entry: root / "pretrain" / "_".join(filter(None, split_method_entry(entry))) for entry in methods}
 
 
 def comparison_arm_inits(config: ml_collections.ConfigDict, workdir: Path,
                          roots: Mapping[str, Path]) -> list[tuple[str, finetune.ArmInit]]:
     """The comparison's downstream starting points, per arm: each method's export of it (for each pretrained
-    init in `downstream.init`), then the arm without self-supervision (`arm_init` and any other init listed).
+    init in `downstream.init`), then the arm without self-supervision (`arm_init`, unless
+    downstream.evaluate_baseline is False, and any other init listed).
 
     A method that exported only some arms (DINO: one, Barlow Twins: one) is evaluated on those.
     """
     d = config.downstream
     inits = finetune.parse_inits(d.init)
     pretrained = [init for init in inits if init in finetune.PRETRAINED_INITS]
-    baselines = list(dict.fromkeys([BASELINE_INIT] + [init for init in inits if init not in pretrained]))
+    baselines = list(dict.fromkeys([BASELINE_INIT] * bool(d.get("evaluate_baseline", True))
+                                   + [init for init in inits if init not in pretrained]))
     exported = {method: pretrain_lib.read_exports(root) for method, root in roots.items()} if pretrained else {}
     for method, arms in exported.items():
         if arms is None:
-            raise FileNotFoundError(f"No finished {TITLES[method]} pretraining in {roots[method]} (export/arms.json); "
-                                    "leave downstream.pretrain_workdir empty to pretrain it in this workdir.")
+            raise FileNotFoundError(f"No finished {entry_title(method)} pretraining in {roots[method]} "
+                                    "(export/arms.json); leave downstream.pretrain_workdir empty to pretrain it in "
+                                    "this workdir.")
         skipped = [arm for arm in d.arms if arm not in arms]
         if skipped:
-            logging.info("%s exported %s; its downstream runs leave out %s.", TITLES[method], ", ".join(arms),
+            logging.info("%s exported %s; its downstream runs leave out %s.", entry_title(method), ", ".join(arms),
                          ", ".join(skipped))
     arm_inits = []
     for arm in d.arms:
@@ -105,7 +135,7 @@ def pretrain_all(config: ml_collections.ConfigDict, roots: Mapping[str, Path]) -
     for method, root in roots.items():
         if ensure_pretrained(method_config(config, method), root) is None:
             logging.info("%s pretraining halted before the end (halt_after_steps); rerun to continue it, then "
-                         "the downstream runs start.", TITLES[method])
+                         "the downstream runs start.", entry_title(method))
             return False
     return True
 

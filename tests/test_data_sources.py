@@ -314,3 +314,25 @@ def test_load_splits_label_fraction_applies_to_train_only():
     assert set(splits.train.labels.tolist()) == {0, 1, 2, 3}
     other = load_splits(config, label_fraction_seed=5)
     assert other.train.ids != splits.train.ids and other.test.ids == splits.test.ids
+
+
+def test_stratified_split_holds_out_each_class_share_seeded_and_disjoint(tmp_path):
+    seed = 0
+    for name, count in (("a", 20), ("b", 10), ("c", 5)):  # plain class folders, no test split of their own
+        for i in range(count):
+            _write_jpeg(tmp_path / name / f"{i:03d}.jpg", seed)
+            seed += 1
+    config = _folder_config(tmp_path)
+    config.split_mode, config.val_fraction, config.test_fraction = "stratified", 0.2, 0.2
+    splits = load_splits(config)
+    assert np.bincount(splits.test.labels).tolist() == [4, 2, 1]
+    assert np.bincount(splits.val.labels).tolist() == [4, 2, 1]
+    assert np.bincount(splits.train.labels).tolist() == [12, 6, 3]
+    ids = [set(s.ids) for s in (splits.train, splits.val, splits.test)]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert load_splits(config).test.ids == splits.test.ids
+    config.split_seed = 78
+    assert load_splits(config).test.ids != splits.test.ids
+    config.split_mode = "by_patient"
+    with pytest.raises(DataError, match="split_mode must be 'random' or 'stratified', got 'by_patient'"):
+        load_splits(config)

@@ -11,6 +11,7 @@ from cass_jax import finetune, metrics, pretrain
 from cass_jax.pipeline import (
     comparison_arm_inits,
     ensure_pretrained,
+    method_config,
     pipeline_methods,
     pretraining_roots,
     run_pipeline,
@@ -203,6 +204,32 @@ def test_comparison_evaluates_every_exported_arm_of_every_method_and_the_arms_wi
         assert f"| {timing['method']} | " in table.split("### Pretraining")[1] and timing["wall_seconds"] > 0
 
 
+def test_a_comparison_run_one_method_at_a_time_merges_into_one_table(comparison_run, tmp_path):
+    config, workdir, results = comparison_run
+    dino_only = config.copy_and_resolve_references()
+    dino_only.methods, dino_only.downstream.evaluate_baseline = ("dino",), False
+    inits = comparison_arm_inits(dino_only, workdir, pretraining_roots(dino_only, workdir))
+    assert [(arm, init.method) for arm, init in inits] == [("vit", "dino")]
+    # Two invocations' files: one with the baseline and CASS, one with DINO, Barlow Twins and the baseline again.
+    first = dict(results, runs=[r for r in results["runs"] if r["method"] in ("none", "cass")],
+                 pretraining=results["pretraining"][:1])
+    second = dict(results, runs=[r for r in results["runs"] if r["method"] != "cass"],
+                  pretraining=results["pretraining"][1:])
+    files = [tmp_path / "first.json", tmp_path / "second.json"]
+    for path, value in zip(files, (first, second)):
+        path.write_text(json.dumps(value))
+    merged = finetune.merge_results(files, tmp_path / "merged")
+    assert sorted(map(json.dumps, merged["runs"])) == sorted(map(json.dumps, results["runs"]))
+    assert merged["pretraining"] == results["pretraining"]
+    table_lines = sorted((tmp_path / "merged" / "results.md").read_text().splitlines())
+    assert table_lines == sorted((workdir / "results.md").read_text().splitlines())  # rows in file order
+    baseline = next(r for r in second["runs"] if r["method"] == "none")
+    baseline["test_metrics"] = dict(baseline["test_metrics"], balanced_accuracy=-1.0)
+    files[1].write_text(json.dumps(second))
+    with pytest.raises(ValueError, match="other test scores than an earlier file"):
+        finetune.merge_results(files, tmp_path / "conflict")
+
+
 def test_comparison_rerun_reuses_every_export(comparison_run, monkeypatch):
     config, workdir, _ = comparison_run
 
@@ -227,6 +254,22 @@ def test_methods_are_read_from_a_string_or_a_sequence_and_checked():
     config.methods = ("cass,byol",)
     with pytest.raises(ValueError, match="'byol'"):
         pipeline_methods(config)
+
+
+def test_a_one_backbone_method_can_name_its_arm_to_pretrain_on_both(tmp_path):
+    config = tiny_config()
+    config.methods = ("cass,dino:cnn, dino:vit,barlow_twins",)
+    assert pipeline_methods(config) == ("cass", "dino:cnn", "dino:vit", "barlow_twins")
+    assert pretraining_roots(config, tmp_path) == {
+        "cass": tmp_path / "pretrain" / "cass", "dino:cnn": tmp_path / "pretrain" / "dino_cnn",
+        "dino:vit": tmp_path / "pretrain" / "dino_vit", "barlow_twins": tmp_path / "pretrain" / "barlow_twins"}
+    on_cnn = method_config(config, "dino:cnn")
+    assert (on_cnn.method, on_cnn.dino.arm, config.dino.arm) == ("dino", "cnn", "vit")
+    assert method_config(config, "barlow_twins").barlow_twins.arm == config.barlow_twins.arm
+    for entry, message in (("cass:cnn", "CASS pretrains both arms together"), ("dino:gpu", "arm must be one of")):
+        config.methods = (entry,)
+        with pytest.raises(ValueError, match=message):
+            pipeline_methods(config)
 
 
 def test_a_missing_pretraining_of_a_compared_method_is_an_error_not_a_skipped_row(tmp_path):

@@ -33,6 +33,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.test_fraction = 0.1
     # Seed of the train/val/test split (77 as in the CASS code).
     c.split_seed = 77
+    # How validation and test are held out of a split that has none: "random" (as the CASS code) or
+    # "stratified" (each class contributes its share, so small test sets keep the class proportions).
+    c.split_mode = "random"
     # Fraction of training labels kept for supervised training (1.0, 0.1, 0.01 in the paper).
     c.label_fraction = 1.0
     # How the labelled subset is drawn: "random" (as the paper) or "stratified" (every class keeps

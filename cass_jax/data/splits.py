@@ -92,6 +92,36 @@ def _random_partition(n: int, fractions: tuple[float, ...], seed: int) -> list[n
     return parts
 
 
+def _stratified_partition(labels: np.ndarray, fractions: tuple[float, ...], seed: int) -> list[np.ndarray]:
+    """As _random_partition, but each class gives round(f * its count) examples to each held-out part."""
+    if labels.ndim != 1:
+        raise DataError("data.split_mode='stratified' needs single-label data (one class index per image); "
+                        "use split_mode='random' for multi-label data.")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        sizes = [int(round(f * len(members))) for f in fractions]
+        if sum(sizes) >= len(members):
+            raise DataError(f"Cannot hold out fractions {fractions} of the {len(members)} examples of class {cls} "
+                            "and keep some for training; lower the fractions, add data or use split_mode='random'.")
+        start = len(members) - sum(sizes)
+        parts[0].append(members[:start])
+        for index, size in enumerate(sizes, start=1):
+            parts[index].append(members[start:start + size])
+            start += size
+    return [np.sort(np.concatenate(part)) for part in parts]
+
+
+def _holdout_partition(labels: np.ndarray, fractions: tuple[float, ...], seed: int, mode: str) -> list[np.ndarray]:
+    """Training positions first, then one array of positions per held-out fraction (data.split_mode)."""
+    if mode == "random":
+        return _random_partition(len(labels), fractions, seed)
+    if mode == "stratified":
+        return _stratified_partition(np.asarray(labels), fractions, seed)
+    raise DataError(f"data.split_mode must be 'random' or 'stratified', got {mode!r}.")
+
+
 def _drop_corrupt_and_duplicates(splits: dict[str, ImageSource], skip_corrupt: bool) -> dict[str, ImageSource]:
     """Removes unreadable/truncated files (error unless skip_corrupt) and exact duplicates (logged).
 
@@ -160,14 +190,15 @@ def load_splits(data_config, *, label_fraction_seed: int | None = None) -> Datas
         own = _drop_corrupt_and_duplicates(own, bool(data_config.skip_corrupt))
     train = own["train"]
     seed = int(data_config.split_seed)
+    split_mode = str(data_config.get("split_mode", "random"))
     if "test" in own and "val" in own:
         val, test = own["val"], own["test"]
     elif "test" in own:
-        rest, val_idx = _random_partition(len(train), (data_config.val_fraction,), seed)
+        rest, val_idx = _holdout_partition(train.labels, (data_config.val_fraction,), seed, split_mode)
         train, val, test = train.subset(rest), train.subset(val_idx), own["test"]
     else:
-        rest, val_idx, test_idx = _random_partition(
-            len(train), (data_config.val_fraction, data_config.test_fraction), seed
+        rest, val_idx, test_idx = _holdout_partition(
+            train.labels, (data_config.val_fraction, data_config.test_fraction), seed, split_mode
         )
         train, val, test = train.subset(rest), train.subset(val_idx), train.subset(test_idx)
     for name, split in (("train", train), ("val", val), ("test", test)):
