@@ -91,11 +91,12 @@ def cross_teaching_step(setting: str):
     return compiled, run
 
 
-def method_step(method: str, backbone: str):
-    """The compiled DINO or Barlow Twins step of bench/method_step.py (its default crops, heads and batch)."""
+def method_step(method: str, backbone: str, method_args: str = ""):
+    """The compiled DINO or Barlow Twins step of bench/method_step.py (its crops, heads and batch: its defaults,
+    or its command-line options in `method_args`, e.g. "--batch 64 --global-size 96 --local-size 48")."""
     from bench.method_step import crop_sizes, method_config, parser
 
-    model_args = parser().parse_args([])
+    model_args = parser().parse_args(method_args.split())
     model = build_method(method_config(method, backbone, model_args), 10_000, 100)
     state = model.initial_state()
     rng = np.random.default_rng(0)
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--kernel-grad", default="auto")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--trace-dir", default="", help="keep the trace here (default: a temporary folder)")
+    parser.add_argument("--method-args", default="", help="dino/barlow_twins: bench/method_step.py's options")
     args = parser.parse_args()
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
@@ -125,7 +127,7 @@ def main() -> None:
     if kind == "seg":
         compiled, run_step = cross_teaching_step(rest)
     elif kind in ("dino", "barlow_twins"):
-        compiled, run_step = method_step(kind, rest)
+        compiled, run_step = method_step(kind, rest, args.method_args)
     else:
         compiled, run_step = cass_step(args.setting, args.kernel_grad)
     jax.block_until_ready(run_step())

@@ -29,6 +29,7 @@ from absl import logging
 from flax import linen as nn
 
 from cass_jax import data as data_lib
+from cass_jax import finished_runs
 from cass_jax import metrics as metrics_lib
 from cass_jax import probe as probe_lib
 from cass_jax.classifier import save_classifier
@@ -604,12 +605,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, splits: Any, run: RunS
                         info={key: record[key] for key in ("arm", "method", "init", "protocol", "label_fraction",
                                                            "seed", "best_epoch", "best_val_loss")})
         record["classifier"] = str(classifier_dir)
+    record["fingerprint"] = finished_runs.run_fingerprint(config, run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_json(run_dir / "result.json", record)
     test_ids = np.asarray(splits.test.ids, dtype=str)
     test_paths = np.asarray([splits.test.describe(int(row)) for row in splits.test.rows], dtype=str)
     np.savez(run_dir / "test_predictions.npz", probabilities=test.probabilities, labels=test.labels, ids=test_ids,
              paths=test_paths)
+    dump_json(run_dir / "result.json", record)  # last: its presence marks the run finished (finished_runs)
     return {**record, "test_probabilities": test.probabilities, "test_labels": test.labels}
 
 
@@ -628,7 +630,8 @@ def run_arm_inits(config: ml_collections.ConfigDict, workdir: str | Path, arm_in
     """Every (arm, starting weights) pair under every protocol, label fraction and seed; one record each.
 
     The pipeline's comparison of methods gives each method's exported arms here, so an arm a method did not
-    export is simply not listed.
+    export is simply not listed. A run finished by an earlier invocation with the same settings and starting
+    weights (`cass_jax.finished_runs`) is read back instead of trained again, so a killed pipeline resumes.
     """
     workdir = Path(workdir).absolute()
     d = config.downstream
@@ -642,9 +645,13 @@ def run_arm_inits(config: ml_collections.ConfigDict, workdir: str | Path, arm_in
                 group = []
                 for seed in d.seeds:
                     run = RunSpec(arm, protocol, arm_init, float(fraction), int(seed))
-                    classifier_dir = None if d.save_models == "none" else workdir / "models" / run.name
-                    group.append(train_and_evaluate(config, splits, run, workdir / "downstream" / run.name,
-                                                    initial_variables, classifier_dir, feature_cache))
+                    run_dir = workdir / "downstream" / run.name
+                    record = finished_runs.load_finished_run(config, run, run_dir)
+                    if record is None:
+                        classifier_dir = None if d.save_models == "none" else workdir / "models" / run.name
+                        record = train_and_evaluate(config, splits, run, run_dir, initial_variables, classifier_dir,
+                                                    feature_cache)
+                    group.append(record)
                 if d.save_models == "best":
                     keep_best_classifier(group)
                 records += group
@@ -687,7 +694,10 @@ def _strict_json(value: Any) -> Any:
 
 
 def dump_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(_strict_json(value), indent=2, allow_nan=False))
+    """Writes through a temporary file, so a kill mid-write never leaves a truncated file behind."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(_strict_json(value), indent=2, allow_nan=False))
+    temporary.replace(path)
 
 
 def write_results(workdir: str | Path, records: Iterable[Mapping[str, Any]], multi_label: bool,

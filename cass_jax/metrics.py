@@ -270,16 +270,21 @@ def markdown_tables(summary_rows: Sequence[Mapping[str, Any]], metric_names: Seq
 def pretraining_table(runs: Sequence[Mapping[str, Any]]) -> str:
     """Markdown: per pretraining run (`export/pretraining.json`), its backbones, size, wall time and images/s."""
     lines = ["### Pretraining", "",
-             "Wall time: the whole invocation that finished the run, from reading the data to the written export "
-             "(compilation, checkpoints and the export included). Images/s: the training steps after compilation, "
-             "data loading and checkpoints included.", "",
+             "Wall time: the whole run, from reading the data to the written export (compilation, checkpoints and "
+             "the export included), summed over the invocations of a resumed run up to the checkpoints they "
+             "resumed from. Images/s: the training steps after compilation in the invocation that finished the "
+             "run, data loading and checkpoints included.", "",
              "| method | backbones | images | epochs | batch | steps | wall time (s) | images/s |",
              "|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        resumed = f" (that invocation, resumed at step {run['start_step']})" if run["start_step"] else ""
+        wall = run["wall_seconds"]
+        if wall is None:  # a run resumed from a checkpoint older than its clock: only the last invocation is known
+            wall, resumed = run["invocation_wall_seconds"], f" (the invocation resumed at step {run['start_step']})"
+        else:
+            resumed = ""
         backbones = ", ".join(f"{arm}: {model}" for arm, model in run["backbones"].items())
         rate = run["images_per_second"]
         lines.append(f"| {run['method']} | {backbones} | {run['images']} | {run['epochs']} | {run['batch_size']} | "
-                     f"{run['steps']} | {run['wall_seconds']:.0f}{resumed} | "
+                     f"{run['steps']} | {wall:.0f}{resumed} | "
                      f"{'–' if rate is None or not np.isfinite(rate) else f'{rate:.1f}'} |")
     return "\n".join(lines) + "\n"

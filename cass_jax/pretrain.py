@@ -26,7 +26,7 @@ from cass_jax.methods import barlow_twins, cass, dino
 from cass_jax.methods.base import Method, MethodState
 from cass_jax.port import save_variables
 from cass_jax.reporting import ProgressLine, create_writer, flat_hparams, image_grid
-from cass_jax.training_loop import LoopHooks, LoopSettings, run_loop
+from cass_jax.training_loop import LoopHooks, LoopSettings, TrainingClock, run_loop
 from cass_jax.weight_averaging import recompute_batch_stats, running_mean_update
 
 METHODS: dict[str, Callable[[ml_collections.ConfigDict, int, int], Method]] = {
@@ -153,8 +153,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
     settings = LoopSettings.from_config(config, total_steps=total_steps, batch_size=config.batch_size,
                                         finite_metrics=method.finite_metrics,
                                         console_metrics=method.console_metrics)
+    clock = TrainingClock(started)
     state, finished = run_loop(state, iterator, step_fn, workdir=workdir, settings=settings, writer=writer,
-                               hooks=hooks, to_device=lambda batch: parallel.to_global_batch(batch, batch_sharding))
+                               hooks=hooks, to_device=lambda batch: parallel.to_global_batch(batch, batch_sharding),
+                               clock=clock)
     rate = hooks.throughput.mean_images_per_second(hooks.last_step)
     if not finished:
         return None
@@ -162,7 +164,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict | N
     record = {"method": name, "backbones": {arm: backbone.name for arm, backbone in method.backbones.items()},
               "images": len(train_source), "epochs": config.num_epochs, "batch_size": config.batch_size,
               "steps": total_steps, "start_step": total_steps if hooks.start_step is None else hooks.start_step,
-              "wall_seconds": time.perf_counter() - started, "images_per_second": None if np.isnan(rate) else rate}
+              # The whole run over all its invocations (TrainingClock); None if an earlier one predates the clock.
+              "wall_seconds": clock.seconds(),
+              "invocation_wall_seconds": time.perf_counter() - started,
+              "images_per_second": None if np.isnan(rate) else rate}
     if jax.process_index() == 0:
         (workdir / "export" / "pretraining.json").write_text(json.dumps(record, indent=2))
     writer.flush()

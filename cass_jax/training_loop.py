@@ -8,6 +8,8 @@ scalars, per-epoch work, validation, pictures). The loop owns the step counter, 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -84,19 +86,72 @@ def mean_metrics(interval: list[Mapping[str, Any]]) -> dict[str, float]:
     return {key: float(value) for key, value in jax.tree.map(lambda *xs: np.mean(xs), *interval).items()}
 
 
+class TrainingClock:
+    """Wall seconds a run has taken up to each of its checkpoints, over all the invocations that made it.
+
+    Kept beside the checkpoints (`wall_seconds.json`: step -> seconds), so a run resumed after a kill or a halt
+    reports the time of the whole run: the seconds recorded at the checkpoint it resumed from plus this
+    invocation's since `started` (a `time.perf_counter()` value; by default when the clock is made). Work done after
+    the last checkpoint of a killed invocation is not counted; its redoing is.
+    """
+
+    FILE = "wall_seconds.json"
+
+    def __init__(self, started: float | None = None):
+        self.started = time.perf_counter() if started is None else started
+        self.path: Path | None = None
+        self.recorded: dict[str, float] = {}
+        self.seconds_before: float | None = 0.0
+
+    def resume(self, checkpoint_dir: Path, start_step: int) -> None:
+        """Reads the times recorded so far; the run continues from the checkpoint of `start_step` (0: fresh)."""
+        self.path = Path(checkpoint_dir) / self.FILE
+        self.recorded = self._read()
+        # None when the run resumed from a checkpoint written before this file existed: its earlier time is unknown.
+        self.seconds_before = 0.0 if start_step == 0 else self.recorded.get(str(start_step))
+
+    def _read(self) -> dict[str, float]:
+        try:
+            return json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except json.JSONDecodeError:
+            logging.warning("%s is not valid JSON; the run's earlier wall time is unknown.", self.path)
+            return {}
+
+    def seconds(self) -> float | None:
+        """The run's wall seconds so far, or None when its earlier invocations' time is unknown."""
+        if self.seconds_before is None:
+            return None
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def record(self, step: int) -> None:
+        """Notes the time at the checkpoint of `step` (written through a temporary file)."""
+        seconds = self.seconds()
+        if seconds is None or self.path is None or jax.process_index() != 0:
+            return
+        self.recorded[str(step)] = seconds
+        temporary = self.path.with_name(self.FILE + ".tmp")
+        temporary.write_text(json.dumps(self.recorded, indent=1))
+        temporary.replace(self.path)
+
+
 def run_loop(state: Any, iterator: Any, step_fn: StepFn, *, workdir: str | Path, settings: LoopSettings,
              writer: metric_writers.MetricWriter, hooks: LoopHooks = LoopHooks(),
-             to_device: Callable[[Any], Any] = lambda batch: batch) -> tuple[Any, bool]:
+             to_device: Callable[[Any], Any] = lambda batch: batch,
+             clock: TrainingClock | None = None) -> tuple[Any, bool]:
     """Runs (or resumes from `workdir/checkpoints`) steps 1..total_steps; returns (state, finished).
 
     `finished` is False when the run halted on `settings.halt_after_steps` (rerun the same command to continue).
     `to_device` places a host batch for the step (sharding); hooks see the host batch. The non-finite check of a
     step is made after the next step is dispatched (so it does not stall the device), and always before a save.
+    `clock` records the run's wall time at each checkpoint (by default one started now); read its `seconds()`
+    afterwards for the whole run's.
     """
     workdir = Path(workdir).absolute()
     checkpointer = Checkpointer(workdir / "checkpoints", keep=settings.keep_checkpoints,
                                 every_steps=settings.checkpoint_every_steps)
     start_step = checkpointer.latest_step() or 0
+    clock = clock or TrainingClock()
+    clock.resume(workdir / "checkpoints", start_step)
     if start_step:
         state = checkpointer.restore(start_step, state, iterator)
         logging.info("Resumed from the checkpoint at step %d of %d.", start_step, settings.total_steps)
@@ -134,6 +189,7 @@ def run_loop(state: Any, iterator: Any, step_fn: StepFn, *, workdir: str | Path,
             if checkpointer.should_save(step) or step == settings.total_steps or halting:
                 check_finite(*pending, settings.finite_metrics)
                 checkpointer.save(step, state, iterator)
+                clock.record(step)
             if halting and step < settings.total_steps:
                 logging.info("Halting at step %d (config.halt_after_steps); rerun the same command to resume.", step)
                 return state, False
@@ -142,3 +198,4 @@ def run_loop(state: Any, iterator: Any, step_fn: StepFn, *, workdir: str | Path,
         checkpointer.close()
         writer.flush()
     return state, True
+

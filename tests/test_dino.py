@@ -68,6 +68,47 @@ def test_dino_loss_matches_official_formula():
     assert abs(float(loss) - expected) <= 1e-5 * abs(expected)
 
 
+@pytest.mark.parametrize("global_crops, local_crops", [(2, 4), (2, 0), (3, 2)])
+def test_dino_loss_gradient_matches_the_official_formulas(global_crops, local_crops):
+    """d/ds_v of the pair mean of -sum q_i log_softmax(s_v / T): -(sum_{i != v} (q_i - p_v)) / (T B n_terms)."""
+    rng = np.random.default_rng(3)
+    batch, temp = 3, 0.1
+    ncrops = global_crops + local_crops
+    student = rng.normal(size=(ncrops * batch, OUT)).astype(np.float32)
+    teacher = rng.normal(size=(global_crops * batch, OUT)).astype(np.float32)
+    center = rng.normal(scale=0.1, size=(1, OUT)).astype(np.float32)
+    grad = jax.grad(lambda s: D.dino_loss(s, jnp.asarray(teacher), jnp.asarray(center), student_temp=temp,
+                                          teacher_temp=0.04, num_global_crops=global_crops, num_crops=ncrops))(
+        jnp.asarray(student))
+    q = np.split(_softmax((teacher.astype(np.float64) - center) / 0.04), global_crops)
+    p = np.split(_softmax(student.astype(np.float64) / temp), ncrops)
+    n_terms = global_crops * ncrops - global_crops
+    expected = np.concatenate([-sum(q[i] - p[v] for i in range(global_crops) if i != v) / (temp * batch * n_terms)
+                               for v in range(ncrops)])
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    loss = D.dino_loss(jnp.asarray(student), jnp.asarray(teacher), jnp.asarray(center), student_temp=temp,
+                       teacher_temp=0.04, num_global_crops=global_crops, num_crops=ncrops)
+    reference = _reference_dino_loss(student.astype(np.float64), teacher.astype(np.float64),
+                                     center.astype(np.float64), temp, 0.04, ncrops) if global_crops == 2 else None
+    assert reference is None or abs(float(loss) - reference) <= 1e-5 * abs(reference)
+
+
+def test_weight_normalized_kernel_and_its_gradient_match_the_plain_formula():
+    rng = np.random.default_rng(4)
+    v = jnp.asarray(rng.normal(size=(BOTTLENECK, OUT)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(OUT,)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(5, BOTTLENECK)), jnp.float32)
+
+    def plain(v, g):
+        return v * g / jnp.linalg.norm(v, axis=0)
+
+    np.testing.assert_allclose(D.weight_normalized_kernel(v, g), plain(v, g), rtol=1e-6, atol=1e-7)
+    ours = jax.grad(lambda v, g: jnp.sum(jnp.sin(x @ D.weight_normalized_kernel(v, g))), (0, 1))(v, g)
+    expected = jax.grad(lambda v, g: jnp.sum(jnp.sin(x @ plain(v, g))), (0, 1))(v, g)
+    for a, b in zip(ours, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_dino_loss_sends_no_gradient_to_the_teacher():
     rng = np.random.default_rng(1)
     student = jnp.asarray(rng.normal(size=(4 * 2, OUT)), jnp.float32)

@@ -46,6 +46,20 @@ def test_matmul_kernel_gradient_equals_xla(size, kernel_size, cin, cout, stride,
     np.testing.assert_allclose(got[1], expected[1], rtol=1e-4, atol=1e-4 * float(jnp.abs(expected[1]).max()))
 
 
+def test_many_small_maps_take_the_chunked_kernel_gradient_with_the_same_values(monkeypatch):
+    """DINO's local crops (many 12x12 maps): past WINDOW_VALUES the tap windows give way to XLA's chunked form."""
+    from cass_jax.models import conv
+    monkeypatch.setattr(conv, "WINDOW_VALUES", 1000)  # this test's 3 x 12x12 x 16 inputs count as many
+    monkeypatch.setattr(conv, "_tap_products", None)  # so the per-tap path would fail if taken
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(3, 12, 12, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 16, 8)) * 0.1, jnp.float32)
+    strides, padding = (1, 1), ((1, 1), (1, 1))
+    expected = jax.grad(conv_loss(lax.conv_general_dilated, strides, padding), argnums=1)(x, kernel)
+    got = jax.jit(jax.grad(conv_loss(matmul_grad_conv, strides, padding), argnums=1))(x, kernel)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
+
+
 def test_matmul_grad_conv_bfloat16_gradient_keeps_kernel_dtype():
     x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
     kernel = jnp.full((3, 3, 4, 8), 0.1, jnp.bfloat16)

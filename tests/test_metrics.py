@@ -144,9 +144,13 @@ def test_pretraining_table_shows_wall_time_and_throughput():
     runs = [{"method": "dino", "backbones": {"vit": "vit_micro_patch16"}, "images": 256, "epochs": 4,
              "batch_size": 16, "steps": 64, "start_step": 0, "wall_seconds": 61.7, "images_per_second": 123.45},
             {"method": "cass", "backbones": {"cnn": "resnet_tiny", "vit": "vit_micro_patch16"}, "images": 256,
-             "epochs": 4, "batch_size": 16, "steps": 64, "start_step": 64, "wall_seconds": 3.2,
-             "images_per_second": None}]
+             "epochs": 4, "batch_size": 16, "steps": 64, "start_step": 64, "wall_seconds": None,
+             "invocation_wall_seconds": 3.2, "images_per_second": None},
+            {"method": "barlow_twins", "backbones": {"cnn": "resnet_tiny"}, "images": 256, "epochs": 4,
+             "batch_size": 16, "steps": 64, "start_step": 32, "wall_seconds": 95.4, "invocation_wall_seconds": 50.0,
+             "images_per_second": 80.0}]
     lines = metrics.pretraining_table(runs).splitlines()
     assert "| dino | vit: vit_micro_patch16 | 256 | 4 | 16 | 64 | 62 | 123.5 |" in lines
-    assert ("| cass | cnn: resnet_tiny, vit: vit_micro_patch16 | 256 | 4 | 16 | 64 | 3 (that invocation, resumed "
+    assert ("| cass | cnn: resnet_tiny, vit: vit_micro_patch16 | 256 | 4 | 16 | 64 | 3 (the invocation resumed "
             "at step 64) | – |") in lines
+    assert "| barlow_twins | cnn: resnet_tiny | 256 | 4 | 16 | 64 | 95 | 80.0 |" in lines  # resumed: whole run

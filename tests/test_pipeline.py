@@ -2,6 +2,7 @@
 comparison of methods (`config.methods`)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,41 @@ def test_finished_pretraining_is_reused(demo_run):
     modified = export.stat().st_mtime_ns
     exports = ensure_pretrained(config, workdir)
     assert exports["cnn"]["raw"] == str(export) and export.stat().st_mtime_ns == modified
+
+
+def test_a_rerun_reuses_finished_downstream_runs_and_retrains_only_unfinished_or_changed_ones(
+        demo_run, tmp_path, monkeypatch):
+    config, original, _ = demo_run
+    workdir = tmp_path / "moved"  # also shows a workdir moved elsewhere still finds its runs
+    shutil.copytree(original, workdir)
+    config = config.copy_and_resolve_references()
+    trained = []
+    real_train = finetune.train_and_evaluate
+
+    def counting_train(config, splits, run, *args, **kwargs):
+        trained.append(run.name)
+        return real_train(config, splits, run, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "train_and_evaluate", counting_train)
+    run_pipeline(config, workdir)
+    assert trained == []
+    assert (workdir / "results.json").read_text().replace(str(workdir), str(original)) == \
+        (original / "results.json").read_text()
+
+    killed = workdir / "downstream" / "vit_finetune_cass_f0.5_s1"
+    (killed / "result.json").unlink()  # as if killed before the run finished
+    results = run_pipeline(config, workdir)
+    assert trained == ["vit_finetune_cass_f0.5_s1"]
+    rerun = next(r for r in results["runs"] if r["arm"] == "vit" and r["protocol"] == "finetune"
+                 and r["label_fraction"] == 0.5 and r["seed"] == 1)
+    first_time = json.loads((original / "downstream" / killed.name / "result.json").read_text())
+    assert rerun["test_metrics"] == first_time["test_metrics"]
+
+    trained.clear()
+    config.downstream.lr = config.downstream.lr / 2
+    config.downstream.arms, config.downstream.protocols = ("cnn",), ("finetune",)
+    run_pipeline(config, workdir)
+    assert sorted(trained) == sorted(f"cnn_finetune_cass_f{f:g}_s{s}" for f in (1.0, 0.5) for s in (0, 1))
 
 
 def test_single_linear_probe_run_is_reproducible(demo_run):

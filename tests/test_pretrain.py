@@ -13,7 +13,7 @@ import pytest
 
 from cass_jax.models import create_model
 from cass_jax.port import load_variables
-from cass_jax.pretrain import pretrain, read_exports
+from cass_jax.pretrain import pretrain, read_exports, read_pretraining_record
 from configs.common import base_config, tiny_arms
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,8 @@ def test_resume_gives_identical_parameters(tmp_path, workers):
         for kind in ("raw", "swa"):
             a, b = load_variables(uninterrupted[arm][kind]), load_variables(resumed[arm][kind])
             jax.tree.map(np.testing.assert_array_equal, a, b)
+    timing = read_pretraining_record(tmp_path / "resumed")
+    assert timing["start_step"] == 5 and timing["wall_seconds"] > timing["invocation_wall_seconds"] > 0
 
 
 def test_missing_weights_file_is_reported_before_compiling(tmp_path):

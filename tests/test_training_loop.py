@@ -1,5 +1,8 @@
 """The shared training loop on a toy regression: exact resume, NaN stop with a good checkpoint, hooks, halting."""
 
+import json
+import time
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from cass_jax.reporting import create_writer
-from cass_jax.training_loop import LoopHooks, LoopSettings, run_loop
+from cass_jax.training_loop import LoopHooks, LoopSettings, TrainingClock, run_loop
 
 TRUE_WEIGHTS = np.asarray([1.5, -2.0, 0.5], np.float32)
 
@@ -77,6 +80,30 @@ def test_halt_then_resume_equals_an_uninterrupted_run(tmp_path):
                                  writer=create_writer(tmp_path / "b"))
     assert finished
     np.testing.assert_array_equal(np.asarray(straight["w"]), np.asarray(resumed["w"]))
+
+
+def test_a_resumed_run_counts_the_wall_time_of_its_earlier_invocations(tmp_path):
+    earlier = TrainingClock(started=time.perf_counter() - 100.0)  # as if set-up had taken 100 s
+    run_loop(initial(), batches(), step, workdir=tmp_path, settings=settings(halt_after_steps=13),
+             writer=create_writer(tmp_path), clock=earlier)
+    recorded = json.loads((tmp_path / "checkpoints" / TrainingClock.FILE).read_text())
+    assert set(recorded) == {"10", "13"} and 100.0 <= recorded["10"] <= recorded["13"] < 200.0
+    clock = TrainingClock()
+    run_loop(initial(), batches(), step, workdir=tmp_path, settings=settings(), writer=create_writer(tmp_path),
+             clock=clock)
+    assert clock.seconds_before == recorded["13"]
+    assert recorded["13"] < clock.seconds() < recorded["13"] + 100.0
+    assert json.loads((tmp_path / "checkpoints" / TrainingClock.FILE).read_text())["30"] >= recorded["13"]
+
+
+def test_a_run_resumed_from_a_checkpoint_without_recorded_time_reports_none(tmp_path):
+    run_loop(initial(), batches(), step, workdir=tmp_path, settings=settings(halt_after_steps=10),
+             writer=create_writer(tmp_path))
+    (tmp_path / "checkpoints" / TrainingClock.FILE).unlink()
+    clock = TrainingClock()
+    run_loop(initial(), batches(), step, workdir=tmp_path, settings=settings(), writer=create_writer(tmp_path),
+             clock=clock)
+    assert clock.seconds() is None
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -30,6 +30,11 @@ CHUNK_POSITIONS = 1568
 MAX_CHUNKS = 32
 # Output maps of at most this many positions (4x4) are convolved as one im2col product (forward and input gradient).
 SMALL_MAP_POSITIONS = 16
+# Stride-1 kernels over many small maps (DINO's local crops: 512 x 12x12 x 64 channels) also take the chunked
+# XLA kernel gradient once the tap windows to copy exceed WINDOW_VALUES values each, on maps of at least 6x6: there
+# copying the nine windows costs more than the products (128 -> 46 ms for 512 x 12x12 x 64, 2 threads).
+WINDOW_VALUES = 1 << 20
+MIN_CHUNKED_MAP_POSITIONS = 36
 
 
 def _windows(x: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int], padding: tuple) -> list[jax.Array]:
@@ -103,7 +108,10 @@ def _backward(strides, padding, residuals, grad):
     (grad_x,) = pullback(grad)
     spatial_kernel = kernel.shape[0] * kernel.shape[1] > 1
     thin = kernel.shape[2] <= THIN_INPUT_CHANNELS
-    if spatial_kernel and (thin or grad.shape[1] * grad.shape[2] >= LARGE_MAP_POSITIONS):
+    map_positions = grad.shape[1] * grad.shape[2]
+    many_windows = (strides == (1, 1) and map_positions >= MIN_CHUNKED_MAP_POSITIONS
+                    and grad.shape[0] * map_positions * kernel.shape[2] >= WINDOW_VALUES)
+    if spatial_kernel and (thin or map_positions >= LARGE_MAP_POSITIONS or many_windows):
         grad_kernel = _chunked_kernel_grad(x, kernel, grad, strides, padding)
     else:
         grad_kernel = _tap_products(x, grad, kernel.shape, strides, padding)

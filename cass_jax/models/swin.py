@@ -19,7 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from cass_jax.models.kernel_grad import conv_function, dense_function
-from cass_jax.models.vit import exact_gelu
+from cass_jax.models.vit import Mlp
 
 # torch.nn.LayerNorm's default, which timm's Swin and SSL4MIS's Swin-UNet use.
 SWIN_LAYER_NORM_EPSILON = 1e-5
@@ -138,19 +138,6 @@ class WindowAttention(nn.Module):
         return dense(dim, self.dtype, "proj", self.kernel_grad)(out)
 
 
-class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2 (timm's Mlp; as cass_jax.models.vit.Mlp with Swin's initialisation)."""
-
-    hidden_dim: int
-    dtype: Any = jnp.float32
-    kernel_grad: str = "auto"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = exact_gelu(dense(self.hidden_dim, self.dtype, "fc1", self.kernel_grad)(x))
-        return dense(x.shape[-1], self.dtype, "fc2", self.kernel_grad)(y)
-
-
 class SwinBlock(nn.Module):
     """Pre-norm block: x + (shifted) window attention(norm1(x)), then x + MLP(norm2(x)), on (B, H, W, C) maps."""
 
@@ -179,7 +166,7 @@ class SwinBlock(nn.Module):
         if any(shift):
             y = jnp.roll(y, shift, axis=(1, 2))
         x = x + DropPath(self.drop_path)(y, train)
-        mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, self.kernel_grad, name="mlp")
+        mlp = Mlp(int(dim * self.mlp_ratio), self.dtype, self.kernel_grad, dense_kernel_init, name="mlp")
         return x + DropPath(self.drop_path)(mlp(layer_norm(self.dtype, "norm2")(x)), train)
 
 

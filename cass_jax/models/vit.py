@@ -123,17 +123,21 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> fc2."""
+    """fc1 -> exact GELU -> fc2 (timm's Mlp; the Swin models pass their own kernel initialiser)."""
 
     hidden_dim: int
     dtype: Any = jnp.float32
     kernel_grad: str = "auto"
+    kernel_init: Any = dense_kernel_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense(self.hidden_dim, self.dtype, "fc1", self.kernel_grad)(x)
-        y = exact_gelu(y)
-        return dense(x.shape[-1], self.dtype, "fc2", self.kernel_grad)(y)
+        def linear(features: int, name: str) -> nn.Dense:
+            return nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=self.kernel_init,
+                            dot_general=dense_function(self.kernel_grad), name=name)
+
+        y = exact_gelu(linear(self.hidden_dim, "fc1")(x))
+        return linear(x.shape[-1], "fc2")(y)
 
 
 class EncoderBlock(nn.Module):
