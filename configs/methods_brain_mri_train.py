@@ -16,8 +16,8 @@ Choices for the CPU budget (the papers: ResNet-50 + ViT-B/16 from ImageNet, 384 
   main_dino.py); any smaller leaves the ViT too few patches.
 - 15 epochs for every method at batch 64 (one protocol: the papers compare at equal epochs), set by the slowest
   run: measured on 2 cores (2026-12-02), CASS 27 images/s (~35 min), DINO ViT-Tiny 12 (~80 min), DINO ResNet-18 7
-  (~2 h 15 min), Barlow Twins 14.5 (~65 min); warm-ups from the official fractions of the run (DINO 10 of 100
-  epochs -> 2; Barlow Twins 10 of 1000 -> 1).
+  (~2 h 15 min), Barlow Twins 14.5 (~65 min), DINO's before its step got ~20% faster (BENCHMARKS.md); warm-ups
+  from the official fractions of the run (DINO 10 of 100 epochs -> 2; Barlow Twins 10 of 1000 -> 1).
 - Fine-tuning: at most 10 epochs, patience 3 (the papers: 50, patience 5).
 Variant `:smoke`: the same pipeline on ../shared/data/brain_mri_small (its own test split), tiny arms and heads,
 64 px, one epoch, one seed: checks the whole study end to end in minutes.
