@@ -10,6 +10,7 @@ a re-pretrained export trains the run again instead of reporting stale scores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -26,9 +27,17 @@ _SELECTION_KEYS = frozenset({"arms", "protocols", "arm", "label_fractions", "see
 
 
 def file_digest(path: str | Path | None) -> str | None:
-    """SHA-256 of a weights file (None for random init)."""
+    """SHA-256 of a weights file (None for random init), read once per file version: every run of an arm hashes
+    the same export, twice (looking for the finished run, then recording it)."""
     if path is None:
         return None
+    stat = Path(path).stat()
+    return _content_digest(str(Path(path).absolute()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _content_digest(path: str, mtime_ns: int, size: int) -> str:
+    """The hash itself; the modification time and size in the key make a rewritten file hash again."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
