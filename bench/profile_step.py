@@ -2,7 +2,7 @@
 
 python bench/profile_step.py [--setting small:16:224] [--kernel-grad auto] [--top 30] [--trace-dir DIR]
 Runs `bench/cass_step.py`'s step (same arms, batch and size), or with `--setting seg:full` / `seg:small`
-`bench/cross_teaching_step.py`'s cross-teaching step (8 + 8 images), or with `--setting dino:resnet18` /
+`bench/cross_teaching_step.py`'s cross-teaching step (8 + 8 images; `seg:full:cnn` the U-Net's step alone), or with `--setting dino:resnet18` /
 `barlow_twins:resnet18` bench/method_step.py's step (its defaults), once to compile, traces one more step, and prints
 the ops (XLA:CPU emits one trace event per thunk) grouped by what they compute: the op kind, the fused ops
 inside, the output shape and, for products and convolutions, their dimensions. Reading the trace needs
@@ -71,13 +71,20 @@ def cass_step(setting: str, kernel_grad: str):
 
 
 def cross_teaching_step(setting: str):
-    """The compiled cross-teaching step of bench/cross_teaching_step.py (8 + 8 images) and a function that runs it."""
+    """The compiled cross-teaching step of bench/cross_teaching_step.py (8 + 8 images) and a function that runs it;
+    `SETTING:cnn` is the CNN's supervised step alone (the same batch, no Transformer)."""
+    import dataclasses
+
     from bench.cross_teaching_step import SETTINGS, config_for, make_batch
     from cass_jax import parallel
     from cass_jax.segmentation.cross_teaching import CrossTeaching
 
+    setting, _, only = setting.partition(":")
     size = SETTINGS[setting][2]
-    method = CrossTeaching(config_for(setting, size, 8, 8))
+    config = config_for(setting, size, 8, 8)
+    if only == "cnn":
+        config = dataclasses.replace(config, transformer="", cross_teaching=False)
+    method = CrossTeaching(config)
     state = method.init(jax.random.key(0))
     batch = jax.device_put(make_batch(8, 8, size), parallel.batch_sharding(method.mesh))
     rng = jax.random.fold_in(state.rng, state.step)

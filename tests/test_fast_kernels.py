@@ -24,7 +24,8 @@ def conv_loss(conv, strides, padding):
     (20, 1, 40, 24, 2, "VALID"),        # strided 1x1 downsample, narrower output
     (20, 3, 16, 16, 1, ((1, 1), (1, 1))),  # small map: per-tap products
     (20, 3, 16, 32, 2, ((1, 1), (1, 1))),
-    (30, 3, 8, 8, 1, ((1, 1), (1, 1))),    # large map (>= 28x28 outputs): XLA's, chunked over the batch
+    (30, 3, 8, 40, 1, ((1, 1), (1, 1))),   # large map (>= 28x28 outputs), wide output: XLA's, chunked over the batch
+    (30, 3, 8, 8, 1, ((1, 1), (1, 1))),    # large map, narrow output: XLA's over the whole batch
     (20, 7, 3, 16, 2, ((3, 3), (3, 3))),   # RGB stem: chunked
     (4, 3, 16, 24, 1, ((1, 1), (1, 1))),   # 4x4 output map: forward and input gradient as one im2col product
     (4, 3, 16, 8, 2, ((1, 1), (1, 1))),    # strided onto 2x2 (a ResNet's last stage on small images)
@@ -58,6 +59,36 @@ def test_many_small_maps_take_the_chunked_kernel_gradient_with_the_same_values(m
     expected = jax.grad(conv_loss(lax.conv_general_dilated, strides, padding), argnums=1)(x, kernel)
     got = jax.jit(jax.grad(conv_loss(matmul_grad_conv, strides, padding), argnums=1))(x, kernel)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(jnp.abs(expected).max()))
+
+
+def test_kernel_grad_paths_follow_the_measured_shapes():
+    """U-Net layers with narrow outputs on large maps keep XLA's kernel gradient; ResNet layers keep theirs."""
+    from cass_jax.models.conv import kernel_grad_path
+    assert kernel_grad_path((3, 3, 16, 16), (16, 224, 224, 16), (1, 1)) == "xla"   # SSL4MIS U-Net, 224 px
+    assert kernel_grad_path((3, 3, 1, 16), (16, 224, 224, 16), (1, 1)) == "xla"    # its 1-channel input conv
+    assert kernel_grad_path((3, 3, 16, 4), (16, 224, 224, 4), (1, 1)) == "xla"     # its 4-class output conv
+    assert kernel_grad_path((3, 3, 16, 32), (16, 112, 112, 32), (1, 1)) == "chunked"
+    assert kernel_grad_path((7, 7, 3, 64), (16, 112, 112, 64), (2, 2)) == "chunked"  # RGB stem
+    assert kernel_grad_path((3, 3, 64, 64), (16, 56, 56, 64), (1, 1)) == "chunked"
+    assert kernel_grad_path((3, 3, 256, 256), (16, 14, 14, 256), (1, 1)) == "taps"
+    assert kernel_grad_path((3, 3, 32, 16), (16, 16, 16, 16), (1, 1)) == "taps"    # narrow, but a small map
+    assert kernel_grad_path((1, 1, 64, 4), (16, 224, 224, 4), (1, 1)) == "taps"    # 1x1: one product
+
+
+def test_narrow_output_on_a_large_map_takes_xla_kernel_gradient(monkeypatch):
+    """The "xla" path gives XLA's own kernel gradient; chunks and taps are not called."""
+    from cass_jax.models import conv
+    monkeypatch.setattr(conv, "_chunked_kernel_grad", None)
+    monkeypatch.setattr(conv, "_tap_products", None)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(2, 30, 30, 8)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 8, 4)) * 0.1, jnp.float32)
+    strides, padding = (1, 1), ((1, 1), (1, 1))
+    assert conv.kernel_grad_path(kernel.shape, (2, 30, 30, 4), strides) == "xla"
+    expected = jax.grad(conv_loss(lax.conv_general_dilated, strides, padding), argnums=(0, 1))(x, kernel)
+    got = jax.grad(conv_loss(matmul_grad_conv, strides, padding), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5, atol=1e-5 * float(jnp.abs(expected[1]).max()))
+    np.testing.assert_array_equal(got[0], expected[0])
 
 
 def test_matmul_grad_conv_bfloat16_gradient_keeps_kernel_dtype():

@@ -6,7 +6,8 @@ for 3x3 convs and the 7x7 stem against the paths below (bench/conv_kernel_grad.p
 `matmul_grad_conv` is a drop-in for `lax.conv_general_dilated` as `nn.Conv(conv_general_dilated=...)` calls it:
 the forward values and the input gradient are XLA's convolution, except that 1x1 convolutions (any stride) are
 one matrix product over channels and convolutions onto maps of at most 4x4 one im2col product, forward and back
-(XLA:CPU is up to 70x slower there); the kernel gradient is summed differently (same value up to float rounding).
+(XLA:CPU is up to 70x slower there); the kernel gradient is summed differently (same value up to float rounding),
+except for narrow outputs on large maps, where XLA's own is the fastest (`kernel_grad_path` says which is used).
 Anything other than a plain NHWC/HWIO convolution (dilation, groups) falls back to `lax.conv_general_dilated`
 unchanged.
 """
@@ -28,6 +29,11 @@ THIN_INPUT_CHANNELS = 4
 LARGE_MAP_POSITIONS = 28 * 28
 CHUNK_POSITIONS = 1568
 MAX_CHUNKS = 32
+# On those large maps a narrow output (at most NARROW_OUTPUT_CHANNELS, a U-Net's 16 -> 16 at 224 px, a 4-class head)
+# inverts this: XLA's kernel gradient over the whole batch at once is 3-8x faster than chunked (16 x 224x224,
+# 16 -> 16: 101-131 against 395-405 ms; 16 x 64x64, 4 -> 16: 1.7 against 9-11 ms; 2 threads), while from 32 output
+# channels up the chunks keep their 2-4x lead (224 px, 16 -> 32: 128-139 against 484-516 ms).
+NARROW_OUTPUT_CHANNELS = 16
 # Output maps of at most this many positions (4x4) are convolved as one im2col product (forward and input gradient).
 SMALL_MAP_POSITIONS = 16
 # Stride-1 kernels over many small maps (DINO's local crops: 512 x 12x12 x 64 channels) also take the chunked
@@ -93,6 +99,23 @@ def _chunked_kernel_grad(x: jax.Array, kernel: jax.Array, grad: jax.Array, strid
     return total
 
 
+def kernel_grad_path(kernel_shape: Sequence[int], grad_shape: Sequence[int], strides: tuple[int, int]) -> str:
+    """How `matmul_grad_conv` computes a kernel gradient on XLA:CPU: "xla" (XLA's own, whole batch), "chunked"
+    (XLA's, summed over chunks of the batch) or "taps" (one matrix product per kernel tap)."""
+    kh, kw, cin, cout = kernel_shape
+    if kh * kw == 1:
+        return "taps"
+    map_positions = grad_shape[1] * grad_shape[2]
+    large_map = map_positions >= LARGE_MAP_POSITIONS
+    if large_map and cout <= NARROW_OUTPUT_CHANNELS:
+        return "xla"
+    many_windows = (tuple(strides) == (1, 1) and map_positions >= MIN_CHUNKED_MAP_POSITIONS
+                    and grad_shape[0] * map_positions * cin >= WINDOW_VALUES)
+    if cin <= THIN_INPUT_CHANNELS or large_map or many_windows:
+        return "chunked"
+    return "taps"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _matmul_grad_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> jax.Array:
     return _conv(x, kernel, strides, padding)
@@ -106,12 +129,11 @@ def _backward(strides, padding, residuals, grad):
     x, kernel = residuals
     _, pullback = jax.vjp(lambda inputs: _conv(inputs, kernel, strides, padding), x)
     (grad_x,) = pullback(grad)
-    spatial_kernel = kernel.shape[0] * kernel.shape[1] > 1
-    thin = kernel.shape[2] <= THIN_INPUT_CHANNELS
-    map_positions = grad.shape[1] * grad.shape[2]
-    many_windows = (strides == (1, 1) and map_positions >= MIN_CHUNKED_MAP_POSITIONS
-                    and grad.shape[0] * map_positions * kernel.shape[2] >= WINDOW_VALUES)
-    if spatial_kernel and (thin or map_positions >= LARGE_MAP_POSITIONS or many_windows):
+    path = kernel_grad_path(kernel.shape, grad.shape, strides)
+    if path == "xla":
+        _, kernel_pullback = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
+        (grad_kernel,) = kernel_pullback(grad)
+    elif path == "chunked":
         grad_kernel = _chunked_kernel_grad(x, kernel, grad, strides, padding)
     else:
         grad_kernel = _tap_products(x, grad, kernel.shape, strides, padding)
