@@ -1,5 +1,6 @@
 """What a long run shows: TensorBoard through CLU writers, and one readable console line with speed and ETA."""
 
+import collections
 import logging as logging_std
 import time
 from pathlib import Path
@@ -78,20 +79,25 @@ class ProgressLine:
     """Logs `step s/N | metrics | img/s | ETA` and measures throughput between calls.
 
     Call `compiled(step)` once the first step of a run (or of a resumed run) has returned: rates and the ETA
-    then leave out compilation, which otherwise made the first ETA many times too long.
+    then leave out compilation, which otherwise made the first ETA many times too long. The ETA uses the rate over
+    the last `eta_window` logged intervals, so a pause (a suspended process, a job sharing the cores for a while)
+    stops skewing it a few lines later; `mean_images_per_second` keeps the whole run's rate.
     """
 
-    def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0):
+    def __init__(self, total_steps: int, global_batch_size: int, start_step: int = 0, eta_window: int = 5):
         self.total_steps = total_steps
         self.batch_size = global_batch_size
         self._last_step = start_step
         self._last_time = time.monotonic()
         self._origin: tuple[int, float] | None = None
+        self._recent: collections.deque[tuple[int, float]] = collections.deque(maxlen=eta_window + 1)
 
     def compiled(self, step: int) -> None:
         """Marks `step` as the first step after compilation: timing starts here."""
         self._last_step, self._last_time = step, time.monotonic()
         self._origin = (step, self._last_time)
+        self._recent.clear()
+        self._recent.append(self._origin)
 
     def mean_images_per_second(self, step: int) -> float:
         """Throughput from the first step after compilation to now (`step`); NaN before a step has been timed."""
@@ -99,9 +105,16 @@ class ProgressLine:
             return float("nan")
         return (step - self._origin[0]) * self.batch_size / max(time.monotonic() - self._origin[1], 1e-9)
 
+    def recent_images_per_second(self, step: int) -> float:
+        """Throughput over the last `eta_window` intervals up to now (`step`); NaN before a step has been timed."""
+        if not self._recent or step <= self._recent[0][0]:
+            return float("nan")
+        first_step, first_time = self._recent[0]
+        return (step - first_step) * self.batch_size / max(time.monotonic() - first_time, 1e-9)
+
     def eta_seconds(self, step: int, images_per_second: float) -> float:
-        """Remaining time at the mean rate since compilation (else at `images_per_second`)."""
-        rate = self.mean_images_per_second(step)
+        """Remaining time at the recent rate after compilation (else at `images_per_second`)."""
+        rate = self.recent_images_per_second(step)
         return (self.total_steps - step) * self.batch_size / max(images_per_second if np.isnan(rate) else rate, 1e-9)
 
     def images_per_second(self, step: int) -> float:
@@ -109,6 +122,8 @@ class ProgressLine:
         now = time.monotonic()
         rate = (step - self._last_step) * self.batch_size / max(now - self._last_time, 1e-9)
         self._last_step, self._last_time = step, now
+        if self._recent:
+            self._recent.append((step, now))
         return rate
 
     def line(self, step: int, scalars: Mapping[str, float], images_per_second: float) -> str:

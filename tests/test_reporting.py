@@ -20,6 +20,22 @@ def test_eta_uses_the_rate_after_compilation(monkeypatch):
     assert "ETA 00:00:18" in progress.line(11, {"loss": 1.0}, 20.0)
 
 
+def test_eta_forgets_a_pause_after_the_window(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(reporting.time, "monotonic", lambda: now[0])
+    progress = reporting.ProgressLine(total_steps=1001, global_batch_size=4, eta_window=3)
+    progress.compiled(1)
+    step_etas = []
+    for step in range(11, 102, 10):  # 10 steps every 2 s, except a 1000 s pause before step 21
+        now[0] += 1002.0 if step == 21 else 2.0
+        progress.images_per_second(step)
+        step_etas.append(progress.eta_seconds(step, images_per_second=1.0))
+    assert step_etas[0] == pytest.approx(990 * 0.2)
+    assert step_etas[1] > 10 * step_etas[0]  # the pause is in the window
+    assert step_etas[-1] == pytest.approx((1001 - 101) * 0.2)  # three intervals later it is not
+    assert progress.mean_images_per_second(101) == pytest.approx(100 * 4 / 1020.0)  # the whole run's rate keeps it
+
+
 def test_eta_before_compilation_is_marked_uses_the_given_rate():
     progress = reporting.ProgressLine(total_steps=10, global_batch_size=2)
     assert progress.eta_seconds(5, images_per_second=1.0) == pytest.approx(10.0)
