@@ -99,18 +99,18 @@ class ProgressLine:
         self._recent.clear()
         self._recent.append(self._origin)
 
+    def _rate_since(self, point: tuple[int, float] | None, step: int) -> float:
+        if point is None or step <= point[0]:
+            return float("nan")
+        return (step - point[0]) * self.batch_size / max(time.monotonic() - point[1], 1e-9)
+
     def mean_images_per_second(self, step: int) -> float:
         """Throughput from the first step after compilation to now (`step`); NaN before a step has been timed."""
-        if self._origin is None or step <= self._origin[0]:
-            return float("nan")
-        return (step - self._origin[0]) * self.batch_size / max(time.monotonic() - self._origin[1], 1e-9)
+        return self._rate_since(self._origin, step)
 
     def recent_images_per_second(self, step: int) -> float:
         """Throughput over the last `eta_window` intervals up to now (`step`); NaN before a step has been timed."""
-        if not self._recent or step <= self._recent[0][0]:
-            return float("nan")
-        first_step, first_time = self._recent[0]
-        return (step - first_step) * self.batch_size / max(time.monotonic() - first_time, 1e-9)
+        return self._rate_since(self._recent[0] if self._recent else None, step)
 
     def eta_seconds(self, step: int, images_per_second: float) -> float:
         """Remaining time at the recent rate after compilation (else at `images_per_second`)."""
