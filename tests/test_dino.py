@@ -236,15 +236,34 @@ def test_dino_head_with_batch_norm_and_one_layer():
     assert params["mlp_0"]["kernel"].shape == (IN, BOTTLENECK)
 
 
-def test_training_steps_match_pytorch():
-    """Loss, per-tensor clipping, last-layer freeze and AdamW groups over two epochs, against eager torch."""
+def test_sgd_dino_adds_decay_to_the_gradient_of_matrices_only_and_keeps_momentum():
+    """torch SGD: buf = g + wd * p on the first step, then buf = 0.9 buf + g + wd * p; p -= lr * buf."""
+    _, params = _head_params()
+    lr, wd = 1e-2, 0.5
+    tx = D.sgd_dino(lr, wd)
+    state = tx.init(params)
+    ones = jax.tree.map(jnp.ones_like, params)
+    first, state = tx.update(ones, state, params)
+    kernel = np.asarray(params["mlp_0"]["kernel"])
+    np.testing.assert_allclose(first["mlp_0"]["kernel"], -lr * (1 + wd * kernel), rtol=1e-6)
+    np.testing.assert_allclose(first["mlp_0"]["bias"], -lr, rtol=1e-6)
+    np.testing.assert_array_equal(first["last_layer_g"], 0.0)
+    second, _ = tx.update(ones, state, params)
+    np.testing.assert_allclose(second["mlp_0"]["bias"], -lr * (0.9 + 1), rtol=1e-6)
+    np.testing.assert_allclose(second["mlp_0"]["kernel"], -lr * 1.9 * (1 + wd * kernel), rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_training_steps_match_pytorch(optimizer):
+    """Loss, per-tensor clipping, last-layer freeze and the AdamW / SGD groups over two epochs, against eager
+    torch (main_dino.py's `--optimizer adamw` and `--optimizer sgd`)."""
     torch = pytest.importorskip("torch")
     head, params = _head_params()
     steps_per_epoch, epochs, ncrops, batch = 2, 2, 4, 3
     lr = D.cosine_scheduler(1e-2, 1e-4, epochs, steps_per_epoch, warmup_epochs=1)
     wd = D.cosine_scheduler(0.04, 0.4, epochs, steps_per_epoch)
-    tx = optax.chain(D.clip_gradients_per_tensor(0.05),
-                     D.adamw_dino(lr, wd, freeze_last_layer_steps=steps_per_epoch))
+    ours = {"adamw": D.adamw_dino, "sgd": D.sgd_dino}[optimizer]
+    tx = optax.chain(D.clip_gradients_per_tensor(0.05), ours(lr, wd, freeze_last_layer_steps=steps_per_epoch))
     state = tx.init(params)
     rng = np.random.default_rng(3)
     inputs = rng.normal(size=(epochs * steps_per_epoch, ncrops * batch, IN)).astype(np.float32)
@@ -268,7 +287,11 @@ def test_training_steps_match_pytorch():
 
     regularized = [p for n, p in torch_params.items() if not (n.endswith(".bias") or p.ndim == 1)]
     not_regularized = [p for n, p in torch_params.items() if n.endswith(".bias") or p.ndim == 1]
-    optimizer = torch.optim.AdamW([{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}])
+    groups = [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+    if optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
     for it in range(epochs * steps_per_epoch):
         epoch = it // steps_per_epoch
         grads = jax.grad(loss_fn)(params, jnp.asarray(inputs[it]), jnp.asarray(teachers[it]))
@@ -364,3 +387,17 @@ def test_crop_and_hue_match_torchvision():
         np.testing.assert_array_equal(np.asarray(T.adjust_hue(image, factor)), np.asarray(F.adjust_hue(image, factor)))
     gray = image.convert("L")
     assert T.adjust_hue(gray, 0.1) is gray
+
+
+def test_dino_brain_mri_resnet50_variant_is_the_official_resnet_recipe():
+    from configs.dino_brain_mri import get_config
+
+    c = get_config("resnet50")
+    assert (c.dino.arm, c.cnn.name, tuple(c.downstream.arms)) == ("cnn", "resnet50", ("cnn",))
+    assert (c.dino.optimizer, c.dino.lr, c.dino.weight_decay, c.dino.weight_decay_end) == ("sgd", 0.03, 1e-4, 1e-4)
+    assert tuple(c.dino.global_crops_scale) == (0.14, 1.0) and tuple(c.dino.local_crops_scale) == (0.05, 0.14)
+    assert get_config().dino.optimizer == "adamw"
+    smoke = get_config("resnet50+smoke")
+    assert smoke.dino.optimizer == "sgd" and smoke.num_epochs == 1
+    with pytest.raises(ValueError, match="resnet50"):
+        get_config("resnet5")

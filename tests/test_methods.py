@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -162,6 +163,20 @@ def test_dino_and_barlow_twins_give_the_same_loss_on_two_devices_as_on_one():
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("MATCHED")] == [
         "dino", "barlow_twins"]
+
+
+def test_dino_optimizer_is_chosen_by_config():
+    with pytest.raises(ValueError, match="config.dino.optimizer='lars'"):
+        dino.build(tiny_config("dino", **{"dino.optimizer": "lars"}), 6, 3)
+
+    def optimizer_states(optimizer: str) -> set[type]:
+        method = dino.build(tiny_config("dino", **{"dino.optimizer": optimizer}), 6, 3)
+        kinds = (optax.TraceState, optax.ScaleByAdamState)
+        leaves = jax.tree.leaves(method.initial_state().opt_state, is_leaf=lambda x: isinstance(x, kinds))
+        return {type(leaf) for leaf in leaves if isinstance(leaf, kinds)}
+
+    assert optimizer_states("adamw") == {optax.ScaleByAdamState}
+    assert optimizer_states("sgd") == {optax.TraceState}
 
 
 def test_method_is_chosen_by_config_and_unknown_names_are_refused(tmp_path):

@@ -59,9 +59,12 @@ def default_dino_config() -> ml_collections.ConfigDict:
     c.warmup_teacher_temp = 0.04
     c.teacher_temp = 0.04
     c.warmup_teacher_temp_epochs = 0
-    # AdamW: lr * batch_size / 256 after a linear warm-up, cosine to min_lr; weight decay cosine 0.04 -> 0.4
-    # (not on biases and norms); per-tensor gradient clipping; the head's last layer frozen for freeze_last_layer
-    # epochs. Warm-ups longer than the run are shortened to num_epochs - 1 (logged).
+    # Optimiser: "adamw" (main_dino.py's default, its ViT recipe) or "sgd" (momentum 0.9, the README's ResNet-50
+    # recipe with lr 0.03 and weight decay 1e-4 -> 1e-4). lr * batch_size / 256 after a linear warm-up, cosine to
+    # min_lr; weight decay cosine 0.04 -> 0.4 (not on biases and norms); per-tensor gradient clipping; the head's
+    # last layer frozen for freeze_last_layer epochs. Warm-ups longer than the run are shortened to
+    # num_epochs - 1 (logged).
+    c.optimizer = "adamw"
     c.lr = 0.0005
     c.min_lr = 1e-6
     c.warmup_epochs = 10
@@ -203,10 +206,14 @@ def build(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: 
         d.lr * config.batch_size / 256.0, d.min_lr, epochs, steps_per_epoch,
         warmup_epochs=clamp_warmup_epochs(d.warmup_epochs, epochs, "DINO learning-rate"))
     weight_decays = parts.cosine_scheduler(d.weight_decay, d.weight_decay_end, epochs, steps_per_epoch)
+    optimizers = {"adamw": parts.adamw_dino, "sgd": parts.sgd_dino}
+    if d.optimizer not in optimizers:
+        raise ValueError(f"config.dino.optimizer={d.optimizer!r}; use 'adamw' (main_dino.py's default) or 'sgd' "
+                         "(its ResNet-50 recipe).")
     optimizer = optax.chain(
         parts.clip_gradients_per_tensor(d.clip_grad),
-        parts.adamw_dino(learning_rates, weight_decays, norm_last_layer=d.norm_last_layer,
-                         freeze_last_layer_steps=d.freeze_last_layer * steps_per_epoch))
+        optimizers[d.optimizer](learning_rates, weight_decays, norm_last_layer=d.norm_last_layer,
+                                freeze_last_layer_steps=d.freeze_last_layer * steps_per_epoch))
     views = DinoMultiCrop(
         global_crop_size=d.global_crop_size, local_crop_size=d.local_crop_size,
         global_crops_scale=tuple(d.global_crops_scale), local_crops_scale=tuple(d.local_crops_scale),

@@ -1,6 +1,6 @@
 """DINO's building blocks (facebookresearch/dino main_dino.py, utils.py, vision_transformer.py) as pure JAX.
 
-Head, loss and centring, schedules, teacher EMA, per-tensor clipping, last-layer freezing and the AdamW
+Head, loss and centring, schedules, teacher EMA, per-tensor clipping, last-layer freezing and the AdamW / SGD
 parameter groups, each matching the official defaults; `methods/dino.py` wires them into the loop.
 """
 
@@ -263,24 +263,22 @@ def _as_schedule(value: optax.ScalarOrSchedule | np.ndarray) -> optax.ScalarOrSc
     return schedule_from_array(value) if is_table else value
 
 
-def adamw_dino(
+def _parameter_groups(
+    direction: optax.GradientTransformation,
     learning_rate_schedule: optax.ScalarOrSchedule | np.ndarray,
     weight_decay_schedule: optax.ScalarOrSchedule | np.ndarray,
     *,
-    norm_last_layer: bool = True,
-    freeze_last_layer_steps: int = 0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    norm_last_layer: bool,
+    freeze_last_layer_steps: int,
+    coupled_decay: bool,
 ) -> optax.GradientTransformation:
-    """torch AdamW over DINO's parameter groups, with per-step lr and weight-decay schedules.
+    """DINO's parameter groups around one optimiser's update direction (Adam's moments, SGD's momentum).
 
-    Decay applies only to tensors with ndim > 1 that are not biases (utils.get_params_groups); `last_layer_g`
-    never moves when `norm_last_layer` (requires_grad=False upstream). For the first `freeze_last_layer_steps`
-    steps (freeze_last_layer epochs x steps per epoch) the `last_layer*` tensors get no update, no decay and
-    no Adam-state change, with their own Adam step count starting when they unfreeze: torch's behaviour for
-    parameters whose grad is None. Schedules may be optax schedules or per-step arrays (`cosine_scheduler`).
-    Chain after `clip_gradients_per_tensor`, as the official step clips, cancels, then steps.
+    Decay applies only to tensors with ndim > 1 that are not biases (utils.get_params_groups): after the direction
+    (decoupled, AdamW) or added to the gradient before it (coupled, torch SGD). `last_layer_g` never moves when
+    `norm_last_layer` (requires_grad=False upstream). For the first `freeze_last_layer_steps` steps the
+    `last_layer*` tensors get no update, no decay and no optimiser-state change, their state starting when they
+    unfreeze: torch's behaviour for parameters whose grad is None.
     """
 
     def labels(params: PyTree) -> PyTree:
@@ -300,18 +298,55 @@ def adamw_dino(
     def unfrozen(step: jax.Array) -> jax.Array:
         return step >= freeze_last_layer_steps
 
-    def adam() -> optax.GradientTransformation:
-        return optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
-
+    grouped = optax.multi_transform(
+        {"body": direction, "last_layer": optax.transforms.conditionally_mask(direction, unfrozen),
+         "fixed": optax.set_to_zero()},
+        labels,
+    )
+    decay = optax.masked(optax.inject_hyperparams(optax.add_decayed_weights)(
+        weight_decay=_as_schedule(weight_decay_schedule)), decayed)
     return optax.chain(
-        optax.multi_transform(
-            {"body": adam(), "last_layer": optax.transforms.conditionally_mask(adam(), unfrozen),
-             "fixed": optax.set_to_zero()},
-            labels,
-        ),
-        optax.masked(optax.inject_hyperparams(optax.add_decayed_weights)(
-            weight_decay=_as_schedule(weight_decay_schedule)), decayed),
+        *((decay, grouped) if coupled_decay else (grouped, decay)),
         optax.scale_by_learning_rate(_as_schedule(learning_rate_schedule)),
         optax.masked(optax.transforms.conditionally_mask(optax.identity(), unfrozen), last_layer),
     )
+
+
+def adamw_dino(
+    learning_rate_schedule: optax.ScalarOrSchedule | np.ndarray,
+    weight_decay_schedule: optax.ScalarOrSchedule | np.ndarray,
+    *,
+    norm_last_layer: bool = True,
+    freeze_last_layer_steps: int = 0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformation:
+    """torch AdamW over DINO's parameter groups (`_parameter_groups`), with per-step lr and weight-decay schedules.
+
+    main_dino.py's default optimiser (`--optimizer adamw`, its ViT recipe). Schedules may be optax schedules or
+    per-step arrays (`cosine_scheduler`). Chain after `clip_gradients_per_tensor`, as the official step clips,
+    cancels, then steps.
+    """
+    return _parameter_groups(optax.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate_schedule,
+                             weight_decay_schedule, norm_last_layer=norm_last_layer,
+                             freeze_last_layer_steps=freeze_last_layer_steps, coupled_decay=False)
+
+
+def sgd_dino(
+    learning_rate_schedule: optax.ScalarOrSchedule | np.ndarray,
+    weight_decay_schedule: optax.ScalarOrSchedule | np.ndarray,
+    *,
+    norm_last_layer: bool = True,
+    freeze_last_layer_steps: int = 0,
+    momentum: float = 0.9,
+) -> optax.GradientTransformation:
+    """torch SGD (momentum 0.9, L2 decay added to the gradient) over DINO's parameter groups.
+
+    main_dino.py's `--optimizer sgd`, which its README uses for ResNet-50 (lr 0.03, weight decay 1e-4 throughout).
+    Chain after `clip_gradients_per_tensor`, as `adamw_dino`.
+    """
+    return _parameter_groups(optax.trace(decay=momentum), learning_rate_schedule, weight_decay_schedule,
+                             norm_last_layer=norm_last_layer, freeze_last_layer_steps=freeze_last_layer_steps,
+                             coupled_decay=True)
 
