@@ -19,6 +19,8 @@ Choices for the CPU budget (the papers: ResNet-50 + ViT-B/16 from ImageNet, 384 
   (~2 h 15 min), Barlow Twins 14.5 (~65 min), DINO's before its step got ~20% faster (BENCHMARKS.md); warm-ups
   from the official fractions of the run (DINO 10 of 100 epochs -> 2; Barlow Twins 10 of 1000 -> 1).
 - Fine-tuning: at most 10 epochs, patience 3 (the papers: 50, patience 5).
+- DINO runs main_dino.py's default recipe (AdamW, its ViT one) on both backbones, so its two runs differ only in
+  the backbone; the official ResNet-50 recipe is one setting away (configs/dino_brain_mri.py:resnet50 lists it).
 Variant `:smoke`: the same pipeline on ../shared/data/brain_mri_small (its own test split), tiny arms and heads,
 64 px, one epoch, one seed: checks the whole study end to end in minutes.
 """
