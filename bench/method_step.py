@@ -8,16 +8,17 @@ python bench/method_step.py [--settings dino:vit_tiny_patch16_224,dino:resnet18,
 A setting is METHOD:BACKBONE (timm / our registry name). Defaults are the official recipes at a CPU-sized batch:
 DINO with 2 global crops at 224 px + 8 local crops at 96 px and out_dim 65536 (main_dino.py), Barlow Twins with two
 224 px views and projector 8192-8192-8192 (barlowtwins main.py). Ours: the method's jitted `train_step`, built by
-`cass_jax.pretrain.build_method` from configs/common.py's `base_config()`, in the data-parallel layout of `pretrain()`
-(state replicated and donated, batch split over the devices). Reference: bench/torch_methods.py, the same step in
-eager PyTorch over timm backbones (its docstring says where it follows and departs from the official code). Both
-sides: random weights and data, fp32, train mode, the same backbone, head, crops, batch and optimiser; DINO's last
-layer trains from the first step (`freeze_last_layer=0`: the state of every epoch after the first). Each side runs
-in a fresh process, one after the other, with the same thread count (OMP_NUM_THREADS, torch.set_num_threads, XLA's
-intra-op threads), pinned with taskset to that many cores when fewer than the machine has; median of --iters steps
-after --warmup. Per side: s/step, images/s (images, not crops), peak RSS, (ours) compile seconds and XLA's FLOP
-count; then one line ending in `ratio=<our median / torch median>`. Our peak RSS includes the ~0.55 GiB of
-TensorFlow that configs/common.py's imports load (through the data package), as bench/cass_step.py's does.
+`cass_jax.pretrain.build_method` from configs/common.py's `base_config()`, in the data-parallel layout of
+`pretrain()` (state replicated and donated, batch split over the devices). Reference: bench/torch_methods.py, the
+same step in eager PyTorch over timm backbones (its docstring says where it follows and departs from the official
+code). Both sides: random weights and data, fp32, train mode, the same backbone, head, crops, batch and optimiser;
+DINO's last layer trains from the first step (`freeze_last_layer=0`: the state of every epoch after the first). Each
+side runs in a fresh process, one after the other, with the same thread count (OMP_NUM_THREADS,
+torch.set_num_threads, XLA's intra-op threads), pinned with taskset to that many cores when fewer than the machine
+has; median of --iters steps after --warmup. Per side: s/step, images/s (images, not crops), peak RSS, minor page
+faults and kernel CPU seconds per step, (ours) compile seconds and XLA's FLOP count; then one line ending in
+`ratio=<our median / torch median>`. Our peak RSS includes the ~0.55 GiB of TensorFlow that configs/common.py's
+imports load (through the data package), as bench/cass_step.py's does.
 
 --epoch-ratio (default small): CASS's time per epoch over DINO's, the paper's 0.27. With the same batch size both
 take the same steps per epoch, so the ratio is that of their step times. CASS trains a CNN and a ViT together in
@@ -85,11 +86,24 @@ def crop_sizes(views) -> dict[str, int]:
     return {key: views.image_size for key in views.image_keys}
 
 
-def summary(times: list[float], images: int) -> dict:
+def timed_steps(run_step, args: argparse.Namespace) -> dict:
+    """Median wall time of `run_step()` (which must return only once the step has finished) over --iters steps
+    after --warmup, and per step over those: the process's kernel CPU seconds and minor page faults (memory the step
+    maps afresh: a fault is one 4 KiB page the kernel hands out and zeroes)."""
+    times = []
+    for index in range(args.warmup + args.iters):
+        if index == args.warmup:
+            before = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        run_step()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     median = statistics.median(times)
     return dict(step_times_s=[round(t, 4) for t in times], median_step_s=round(median, 4),
-                img_per_s=round(images / median, 3),
-                peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+                img_per_s=round(args.batch / median, 3), peak_rss_GiB=round(after.ru_maxrss / 2**20, 2),
+                sys_s_per_step=round((after.ru_stime - before.ru_stime) / len(times), 3),
+                minor_faults_per_step=round((after.ru_minflt - before.ru_minflt) / len(times)))
 
 
 def measure_jax(method: str, backbone: str, args: argparse.Namespace) -> dict:
@@ -116,16 +130,16 @@ def measure_jax(method: str, backbone: str, args: argparse.Namespace) -> dict:
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     flops = (compiled.cost_analysis() or {}).get("flops", float("nan"))
-    times = []
-    for index in range(args.warmup + args.iters):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        if index >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    holder = {"state": state}
+
+    def run_step():  # the step donates its state: feed each call the state the last one returned
+        holder["state"], holder["metrics"] = compiled(holder["state"], batch)
+        jax.block_until_ready(holder)
+
+    timing = timed_steps(run_step, args)
     return dict(framework="jax", jax=jax.__version__, device=str(jax.devices()[0]), devices=jax.device_count(),
                 compile_s=round(compile_s, 1), step_gflop=round(flops / 1e9, 1), params=int(params),
-                loss=round(float(metrics["loss"]), 4), **summary(times, args.batch))
+                loss=round(float(holder["metrics"]["loss"]), 4), **timing)
 
 
 def measure_torch(method: str, backbone: str, args: argparse.Namespace) -> dict:
@@ -144,16 +158,16 @@ def measure_torch(method: str, backbone: str, args: argparse.Namespace) -> dict:
     else:
         reference = torch_methods.BarlowTwinsReference(backbone, args.batch, crop_size=args.crop_size,
                                                        projector=parse_widths(args.projector), device=device)
-    times = []
-    for index in range(args.warmup + args.iters):
-        t0 = time.perf_counter()
-        loss = reference.step()  # ends in loss.item(): the step has finished
+    losses = []
+
+    def run_step():
+        losses.append(reference.step())  # ends in loss.item(): the step has finished
         if device == "cuda":
             torch.cuda.synchronize()
-        if index >= args.warmup:
-            times.append(time.perf_counter() - t0)
+
+    timing = timed_steps(run_step, args)
     return dict(framework="torch", torch=torch.__version__, timm=timm.__version__, threads=torch.get_num_threads(),
-                params=reference.parameter_count(), loss=round(loss, 4), **summary(times, args.batch))
+                params=reference.parameter_count(), loss=round(losses[-1], 4), **timing)
 
 
 def describe(method: str, backbone: str, args: argparse.Namespace) -> str:
@@ -165,8 +179,10 @@ def describe(method: str, backbone: str, args: argparse.Namespace) -> str:
 
 def side_line(name: str, result: dict) -> str:
     extra = f", compile {result['compile_s']:.1f} s, {result['step_gflop']} GFLOP" if "compile_s" in result else ""
+    faults = (f", {result['minor_faults_per_step']:,} page faults and {result['sys_s_per_step']:.2f} s kernel CPU "
+              f"per step" if "minor_faults_per_step" in result else "")
     return (f"  {name:5s} {result['median_step_s']:.3f} s/step (steps {result['step_times_s']}), "
-            f"{result['img_per_s']:.2f} img/s, peak RSS {result['peak_rss_GiB']} GiB{extra}")
+            f"{result['img_per_s']:.2f} img/s, peak RSS {result['peak_rss_GiB']} GiB{faults}{extra}")
 
 
 def pin(threads: int) -> list[str]:
@@ -255,8 +271,10 @@ def main() -> None:
         "threads", "device")]
     worker = pin(args.threads) + [sys.executable, __file__, *forwarded]
     sides = ("jax",) if args.skip_reference else ("jax", "torch")
-    print(f"{args.threads} threads, median of {args.iters} steps after {args.warmup} warm-up, device {args.device}",
-          flush=True)
+    allocator = " ".join(f"{name}={os.environ[name]}" for name in sorted(os.environ)
+                         if name == "LD_PRELOAD" or name.startswith(("MALLOC_", "TCMALLOC_", "GLIBC_TUNABLES")))
+    print(f"{args.threads} threads, median of {args.iters} steps after {args.warmup} warm-up, device {args.device}, "
+          f"allocator: {allocator or 'glibc defaults'}", flush=True)
     results: dict[tuple[str, str], dict] = {}
 
     def run_setting(method: str, backbone: str) -> dict:

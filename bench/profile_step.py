@@ -2,12 +2,14 @@
 
 python bench/profile_step.py [--setting small:16:224] [--kernel-grad auto] [--top 30] [--trace-dir DIR]
 Runs `bench/cass_step.py`'s step (same arms, batch and size), or with `--setting seg:full` / `seg:small`
-`bench/cross_teaching_step.py`'s cross-teaching step (8 + 8 images; `seg:full:cnn` the U-Net's step alone), or with `--setting dino:resnet18` /
-`barlow_twins:resnet18` bench/method_step.py's step (its defaults), once to compile, traces one more step, and prints
-the ops (XLA:CPU emits one trace event per thunk) grouped by what they compute: the op kind, the fused ops
-inside, the output shape and, for products and convolutions, their dimensions. Reading the trace needs
-tensorflow (requirements-dev.txt) for the XSpace protobuf. Run it on one core (`taskset -c 0`, with
-XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") for the steadiest numbers.
+`bench/cross_teaching_step.py`'s cross-teaching step (8 + 8 images; `seg:full:cnn` the U-Net's step alone), or with
+`--setting dino:resnet18` / `barlow_twins:resnet18` bench/method_step.py's step (its defaults), once to compile,
+traces one more step, and prints the ops (XLA:CPU emits one trace event per thunk) grouped by what they compute: the
+op kind (`fusion:ynn`: a fusion handed to a library, here YNNPACK), the fused ops inside, the output shape and, for
+products and convolutions, their dimensions; for ops with products, the rate of those products (their FLOPs over the
+op's time). Reading the trace needs tensorflow (requirements-dev.txt) for the XSpace protobuf. Run it on one core
+(`taskset -c 0`, with XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1") for the
+steadiest numbers.
 """
 
 import argparse
@@ -30,8 +32,24 @@ ARMS = {"big": ("resnet50", "vit_base_patch16_224"), "small": ("resnet18", "vit_
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
 
 
-def hlo_signatures(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> a description that is the same for every op computing the same thing."""
+def dot_flops(line: str, shapes: dict[str, list[int]]) -> int:
+    """2 x output elements x contracted size of one `dot` instruction (its operands' shapes from `shapes`)."""
+    _, shape, _, rest = INSTRUCTION.match(line).groups()
+    lhs = re.match(r"\s*%?([\w.\-]+)", rest).group(1)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+    contracted = int(np.prod([shapes[lhs][int(d)] for d in contracting.split(",") if d]))
+    return 2 * int(np.prod(dimensions(shape))) * contracted
+
+
+def dimensions(shape: str) -> list[int]:
+    """f32[6304,192]{1,0} -> [6304, 192]."""
+    inside = re.match(r"\w+\[([\d,]*)\]", shape)
+    return [int(d) for d in inside.group(1).split(",") if d] if inside else []
+
+
+def hlo_signatures(hlo_text: str) -> tuple[dict[str, str], dict[str, int]]:
+    """Instruction name -> a description that is the same for every op computing the same thing, and instruction
+    name -> the FLOPs of the products it computes (for ops with a `dot`)."""
     computations: dict[str, list[str]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -40,18 +58,26 @@ def hlo_signatures(hlo_text: str) -> dict[str, str]:
             current = computations.setdefault(header.group(1), [])
         elif current is not None and INSTRUCTION.match(line):
             current.append(line)
-    signatures = {}
-    for lines in computations.values():
+    shapes = {computation: {INSTRUCTION.match(line).group(1): dimensions(INSTRUCTION.match(line).group(2))
+                            for line in lines} for computation, lines in computations.items()}  # name -> dims
+    signatures, flops = {}, {}
+    for computation, lines in computations.items():
         for line in lines:
             name, shape, opcode, rest = INSTRUCTION.match(line).groups()
             called = re.search(r"calls=%?([\w.\-]+)", rest)
             inner = computations.get(called.group(1), []) if called else [line]
+            inner_shapes = shapes.get(called.group(1), {}) if called else shapes[computation]
             kinds = sorted({INSTRUCTION.match(i).group(3) for i in inner} - {
                 "parameter", "constant", "bitcast", "broadcast", "reshape"})
             products = [re.sub(r"%[\w.\-]+", "", i.split(" = ", 1)[1].split(" ", 1)[1]).split(", metadata")[0]
                         for i in inner if " dot(" in i or " convolution(" in i]
-            signatures[name] = f"{opcode}[{' '.join(kinds)}] -> {shape} {' '.join(products)}"[:200]
-    return signatures
+            library = re.search(r'"kind":"__(\w+)_fusion"', rest)
+            tag = f"{opcode}:{library.group(1)}" if library else opcode
+            signatures[name] = f"{tag}[{' '.join(kinds)}] -> {shape} {' '.join(products)}"[:200]
+            dots = [i for i in inner if " dot(" in i]
+            if dots:
+                flops[name] = sum(dot_flops(i, inner_shapes) for i in dots)
+    return signatures, flops
 
 
 def cass_step(setting: str, kernel_grad: str):
@@ -142,10 +168,10 @@ def main() -> None:
     with jax.profiler.trace(trace_dir):
         jax.block_until_ready(run_step())
 
-    signatures = hlo_signatures(compiled.as_text())
+    signatures, flops = hlo_signatures(compiled.as_text())
     space = xplane_pb2.XSpace()
     space.ParseFromString(next(Path(trace_dir).rglob("*.xplane.pb")).read_bytes())
-    total_ms, count = collections.Counter(), collections.Counter()
+    total_ms, count, total_flops = collections.Counter(), collections.Counter(), collections.Counter()
     for plane in space.planes:
         names = {key: meta.name for key, meta in plane.event_metadata.items()}
         for line in plane.lines:
@@ -154,10 +180,12 @@ def main() -> None:
                 if name in signatures:
                     total_ms[signatures[name]] += event.duration_ps / 1e9
                     count[signatures[name]] += 1
+                    total_flops[signatures[name]] += flops.get(name, 0)
     step_ms = sum(total_ms.values())
     print(f"{args.setting} kernel_grad={args.kernel_grad}: {step_ms:.0f} ms in {sum(count.values())} ops")
     for signature, ms in total_ms.most_common(args.top):
-        print(f"{ms:8.1f} ms {100 * ms / step_ms:5.1f}% x{count[signature]:<4d} {signature}")
+        rate = f"{total_flops[signature] / ms / 1e6:6.1f} GFLOP/s" if total_flops[signature] else " " * 14
+        print(f"{ms:8.1f} ms {100 * ms / step_ms:5.1f}% x{count[signature]:<4d} {rate} {signature}")
 
 
 if __name__ == "__main__":
