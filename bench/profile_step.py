@@ -32,13 +32,22 @@ ARMS = {"big": ("resnet50", "vit_base_patch16_224"), "small": ("resnet18", "vit_
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
 
 
-def dot_flops(line: str, shapes: dict[str, list[int]]) -> int:
-    """2 x output elements x contracted size of one `dot` instruction (its operands' shapes from `shapes`)."""
-    _, shape, _, rest = INSTRUCTION.match(line).groups()
-    lhs = re.match(r"\s*%?([\w.\-]+)", rest).group(1)
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
-    contracted = int(np.prod([shapes[lhs][int(d)] for d in contracting.split(",") if d]))
-    return 2 * int(np.prod(dimensions(shape))) * contracted
+def product_flops(line: str, shapes: dict[str, list[int]]) -> int:
+    """2 x output elements x the multiply-adds per output of one `dot` (its contracted size) or `convolution`
+    (kernel window x input features per group, read from the kernel's shape and `dim_labels`, over the input's
+    dilation, as a strided convolution's input gradient inserts zeros); operand shapes come from `shapes`."""
+    _, shape, opcode, rest = INSTRUCTION.match(line).groups()
+    lhs, rhs = re.match(r"\s*%?([\w.\-]+),\s*%?([\w.\-]+)", rest).groups()
+    if opcode == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+        per_output = np.prod([shapes[lhs][int(d)] for d in contracting.split(",") if d])
+    else:
+        kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
+        per_output = np.prod([size for size, label in zip(shapes[rhs], kernel_labels)
+                              if label.isdigit() or label == "i"])
+        dilation = re.search(r"lhs_dilate=([\dx]+)", rest)  # zeros between input pixels: not multiplied
+        per_output /= np.prod([int(d) for d in dilation.group(1).split("x")]) if dilation else 1
+    return 2 * int(np.prod(dimensions(shape))) * int(per_output)
 
 
 def dimensions(shape: str) -> list[int]:
@@ -49,7 +58,7 @@ def dimensions(shape: str) -> list[int]:
 
 def hlo_signatures(hlo_text: str) -> tuple[dict[str, str], dict[str, int]]:
     """Instruction name -> a description that is the same for every op computing the same thing, and instruction
-    name -> the FLOPs of the products it computes (for ops with a `dot`)."""
+    name -> the FLOPs of the products it computes (for ops with a `dot` or a `convolution`)."""
     computations: dict[str, list[str]] = {}
     current = None
     for line in hlo_text.splitlines():
@@ -74,9 +83,9 @@ def hlo_signatures(hlo_text: str) -> tuple[dict[str, str], dict[str, int]]:
             library = re.search(r'"kind":"__(\w+)_fusion"', rest)
             tag = f"{opcode}:{library.group(1)}" if library else opcode
             signatures[name] = f"{tag}[{' '.join(kinds)}] -> {shape} {' '.join(products)}"[:200]
-            dots = [i for i in inner if " dot(" in i]
-            if dots:
-                flops[name] = sum(dot_flops(i, inner_shapes) for i in dots)
+            multiplying = [i for i in inner if INSTRUCTION.match(i).group(3) in ("dot", "convolution")]
+            if multiplying:
+                flops[name] = sum(product_flops(i, inner_shapes) for i in multiplying)
     return signatures, flops
 
 

@@ -57,3 +57,14 @@ def test_hlo_signatures_count_batched_products():
     compiled = jax.jit(lambda q, k: jnp.exp(jnp.einsum("bhqd,bhkd->bhqk", q, k))).lower(q, k).compile()
     _, flops = hlo_signatures(compiled.as_text())
     assert set(flops.values()) == {2 * 2 * 3 * 5 * 7 * 4}
+
+
+def test_hlo_signatures_count_convolution_flops():
+    images, kernel = jnp.ones((2, 9, 9, 4)), jnp.ones((3, 3, 4, 6))
+
+    def convolve(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    compiled = jax.jit(convolve).lower(images, kernel).compile()
+    _, flops = hlo_signatures(compiled.as_text())
+    assert set(flops.values()) == {2 * (2 * 9 * 9 * 6) * (3 * 3 * 4)}
