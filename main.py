@@ -11,6 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cass_jax.host_allocator import allocator_hint
 from cass_jax.run import run
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
@@ -46,6 +47,9 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     workdir = FLAGS.workdir or str(Path("runs") / Path(config_flags.get_config_filename(FLAGS["config"])).stem)
     logging.info("Workdir: %s; devices: %s", workdir, jax.devices())
+    hint = allocator_hint(jax.default_backend())
+    if hint:
+        logging.info(hint)
     try:
         run(FLAGS.config, workdir)
     except (FileNotFoundError, ValueError) as error:
