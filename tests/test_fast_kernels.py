@@ -1,4 +1,5 @@
-"""The CPU speed-ups keep the maths: matrix-product conv and Dense kernel gradients, the exact GELU's gradient."""
+"""The CPU speed-ups keep the maths: matrix-product conv and Dense kernel gradients, the exact GELU's gradient, q/k/v
+splitting."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from cass_jax.models import create_model, init_variables
 from cass_jax.models.conv import NHWC_HWIO, matmul_grad_conv
 from cass_jax.models.dense import transposed_grad_dot_general, transposed_lhs_product
 from cass_jax.models.kernel_grad import conv_function, dense_function
-from cass_jax.models.vit import exact_gelu
+from cass_jax.models.vit import exact_gelu, split_qkv
 
 
 def conv_loss(conv, strides, padding):
@@ -198,3 +199,16 @@ def test_exact_gelu_values_and_gradient_match_autodiff():
     np.testing.assert_allclose(exact_gelu(x), nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
     expected = jax.vmap(jax.grad(lambda v: nn.gelu(v, approximate=False)))(x)
     np.testing.assert_allclose(jax.vmap(jax.grad(exact_gelu))(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_split_qkv_matches_indexing_values_and_gradient():
+    qkv = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 3, 5, 4)).astype(np.float32))
+
+    def attention_like(q, k, v):
+        return jnp.sum(jnp.tanh(jnp.einsum("bhqd,bhkd->bhqk", q, k)) @ v * jnp.cos(q))
+
+    split = jax.jit(jax.value_and_grad(lambda x: attention_like(*split_qkv(x))))(qkv)
+    indexed = jax.jit(jax.value_and_grad(lambda x: attention_like(x[0], x[1], x[2])))(qkv)
+    np.testing.assert_array_equal(split[0], indexed[0])
+    np.testing.assert_array_equal(split[1], indexed[1])
+    assert [a.shape for a in split_qkv(qkv)] == [(2, 3, 5, 4)] * 3

@@ -19,7 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from cass_jax.models.kernel_grad import conv_function, dense_function
-from cass_jax.models.vit import Mlp
+from cass_jax.models.vit import Mlp, split_qkv
 
 # torch.nn.LayerNorm's default, which timm's Swin and SSL4MIS's Swin-UNet use.
 SWIN_LAYER_NORM_EPSILON = 1e-5
@@ -127,7 +127,7 @@ class WindowAttention(nn.Module):
         bias = table[relative_position_index(self.window).reshape(-1)].reshape(tokens, tokens, -1).transpose(2, 0, 1)
         qkv = dense(3 * dim, self.dtype, "qkv", self.kernel_grad)(x)
         qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = split_qkv(qkv)
         scores = jnp.einsum("bhqd,bhkd->bhqk", q * (head_dim**-0.5), k).astype(jnp.float32) + bias
         if mask is not None:
             num_windows = mask.shape[0]
