@@ -11,6 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cass_jax import onednn
 from cass_jax.host_allocator import allocator_hint
 from cass_jax.run import run
 
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> None:
     hint = allocator_hint(jax.default_backend())
     if hint:
         logging.info(hint)
+    logging.info(onednn.status())
     try:
         run(FLAGS.config, workdir)
     except (FileNotFoundError, ValueError) as error:

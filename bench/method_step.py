@@ -65,6 +65,7 @@ def method_config(method: str, backbone: str, args: argparse.Namespace):
     config.method, config.batch_size, config.num_epochs, config.dtype = method, args.batch, EPOCHS, "float32"
     arm = arm_of(backbone)
     config[arm].name, config[arm].init = backbone, "random"
+    config.cnn.kernel_grad = config.vit.kernel_grad = args.kernel_grad
     if method == "dino":
         config.dino.update(arm=arm, out_dim=args.out_dim, global_crop_size=args.global_size,
                            local_crop_size=args.local_size, local_crops_number=args.local_crops, freeze_last_layer=0)
@@ -251,6 +252,8 @@ def parser() -> argparse.ArgumentParser:
     command_line.add_argument("--threads", type=int, default=2)
     command_line.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     command_line.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for our steps")
+    command_line.add_argument("--kernel-grad", default="auto", choices=("auto", "xla", "matmul", "onednn"),
+                              help="our models' kernels (cass_jax/models/kernel_grad.py)")
     command_line.add_argument("--skip-reference", action="store_true", help="time our steps only")
     command_line.add_argument("--worker", help=argparse.SUPPRESS)
     return command_line
@@ -268,7 +271,7 @@ def main() -> None:
     env = child_env(args.threads, args.device, args.xla_flags)
     forwarded = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name in (
         "batch", "global-size", "local-size", "local-crops", "out-dim", "crop-size", "projector", "iters", "warmup",
-        "threads", "device")]
+        "threads", "device", "kernel-grad")]
     worker = pin(args.threads) + [sys.executable, __file__, *forwarded]
     sides = ("jax",) if args.skip_reference else ("jax", "torch")
     allocator = " ".join(f"{name}={os.environ[name]}" for name in sorted(os.environ)

@@ -56,6 +56,19 @@ def dimensions(shape: str) -> list[int]:
     return [int(d) for d in inside.group(1).split(",") if d] if inside else []
 
 
+def onednn_flops(target: str, output: list[int], operands: list[list[int]], settings: str) -> int:
+    """2 x multiply-adds of a cass_jax/onednn call: a matmul's output x contracted size; a convolution's (any of
+    its three calls) output positions x kernel window x input channels x output channels."""
+    first, second = operands
+    if target == "cass_onednn_matmul":
+        return 2 * int(np.prod(output)) * (first[-2] if "transpose_a = true" in settings else first[-1])
+    if target == "cass_onednn_conv_forward":  # (input, kernel) -> output
+        return 2 * int(np.prod(output)) * int(np.prod(second[:3]))
+    if target == "cass_onednn_conv_input_grad":  # (output gradient, kernel) -> input
+        return 2 * int(np.prod(first)) * int(np.prod(second[:3]))
+    return 2 * int(np.prod(second)) * int(np.prod(output[:3]))  # (input, output gradient) -> kernel
+
+
 def hlo_signatures(hlo_text: str) -> tuple[dict[str, str], dict[str, int]]:
     """Instruction name -> a description that is the same for every op computing the same thing, and instruction
     name -> the FLOPs of the products it computes (for ops with a `dot` or a `convolution`)."""
@@ -82,6 +95,15 @@ def hlo_signatures(hlo_text: str) -> tuple[dict[str, str], dict[str, int]]:
                         for i in inner if " dot(" in i or " convolution(" in i]
             library = re.search(r'"kind":"__(\w+)_fusion"', rest)
             tag = f"{opcode}:{library.group(1)}" if library else opcode
+            target = re.search(r'custom_call_target="(\w+)"', rest)
+            if target:  # an FFI call (cass_jax/onednn): its operands and attributes say what it computes
+                operands = [shapes[computation][operand] for operand in re.findall(r"%([\w.\-]+)", rest.split(")")[0])]
+                settings = re.search(r"backend_config=\{(.*?)\}", rest)
+                products = [" x ".join(str(dims) for dims in operands) + (f" {{{settings.group(1)}}}" if settings else "")]
+                tag = f"custom-call:{target.group(1)}"
+                if target.group(1).startswith("cass_onednn_"):
+                    flops[name] = onednn_flops(target.group(1), dimensions(shape), operands,
+                                               settings.group(1) if settings else "")
             signatures[name] = f"{tag}[{' '.join(kinds)}] -> {shape} {' '.join(products)}"[:200]
             multiplying = [i for i in inner if INSTRUCTION.match(i).group(3) in ("dot", "convolution")]
             if multiplying:
@@ -133,12 +155,12 @@ def cross_teaching_step(setting: str):
     return compiled, run
 
 
-def method_step(method: str, backbone: str, method_args: str = ""):
+def method_step(method: str, backbone: str, method_args: str = "", kernel_grad: str = "auto"):
     """The compiled DINO or Barlow Twins step of bench/method_step.py (its crops, heads and batch: its defaults,
     or its command-line options in `method_args`, e.g. "--batch 64 --global-size 96 --local-size 48")."""
     from bench.method_step import crop_sizes, method_config, parser
 
-    model_args = parser().parse_args(method_args.split())
+    model_args = parser().parse_args(method_args.split() + ["--kernel-grad", kernel_grad])
     model = build_method(method_config(method, backbone, model_args), 10_000, 100)
     state = model.initial_state()
     rng = np.random.default_rng(0)
@@ -169,7 +191,7 @@ def main() -> None:
     if kind == "seg":
         compiled, run_step = cross_teaching_step(rest)
     elif kind in ("dino", "barlow_twins"):
-        compiled, run_step = method_step(kind, rest, args.method_args)
+        compiled, run_step = method_step(kind, rest, args.method_args, args.kernel_grad)
     else:
         compiled, run_step = cass_step(args.setting, args.kernel_grad)
     jax.block_until_ready(run_step())

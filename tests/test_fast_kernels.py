@@ -113,7 +113,10 @@ def test_unsupported_convolutions_fall_back_to_lax():
 def test_kernel_grad_choices():
     assert conv_function("matmul") is matmul_grad_conv
     assert conv_function("xla") is None
-    assert conv_function("auto") is (matmul_grad_conv if jax.default_backend() == "cpu" else None)
+    from cass_jax import onednn
+    from cass_jax.models.kernel_grad import onednn_conv
+    on_cpu = onednn_conv if onednn.available() else matmul_grad_conv
+    assert conv_function("auto") is (on_cpu if jax.default_backend() == "cpu" else None)
     assert dense_function("matmul") is transposed_grad_dot_general
     assert dense_function("xla") is None
     with pytest.raises(ValueError, match="kernel_grad='eigen'.*auto"):

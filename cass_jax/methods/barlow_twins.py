@@ -223,7 +223,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: 
         kwargs.update(img_size=b.crop_size, last_block_class_token_only=arm_config.last_block_class_token_only)
     dtype = jnp.dtype(config.dtype)
     encoder = create_model(arm_config.name, num_classes=0, dtype=dtype, **kwargs)
-    projector = parts.BarlowTwinsProjector(sizes=tuple(b.projector), dtype=dtype)
+    projector = parts.BarlowTwinsProjector(sizes=tuple(b.projector), dtype=dtype, kernel_grad=arm_config.kernel_grad)
     views = BarlowTwinsViews(image_size=b.crop_size, gray_fast_path=bool(config.data.get("gray_fast_path", True)))
     penalty_fn = SPARSITY_PENALTIES[b.sparsity] if b.protocol == "further" else None
     penalty = (lambda projector_params: penalty_fn(projector_params, b.sparsity_weight)) if penalty_fn else None

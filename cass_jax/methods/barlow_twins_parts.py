@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from cass_jax.models.kernel_grad import dense_function
 from cass_jax.models.resnet import BatchNorm, linear_kernel_init
 
 PyTree = Any
@@ -54,15 +55,18 @@ class BarlowTwinsProjector(nn.Module):
 
     sizes: Sequence[int] = (8192, 8192, 8192)
     dtype: Any = jnp.float32
+    kernel_grad: str = "auto"  # which kernels the products use (cass_jax/models/kernel_grad.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for i, features in enumerate(self.sizes[:-1]):
             x = nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                         kernel_init=linear_kernel_init, name=f"linear_{i}")(x)
+                         kernel_init=linear_kernel_init, dot_general=dense_function(self.kernel_grad),
+                         name=f"linear_{i}")(x)
             x = nn.relu(BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f"bn_{i}")(x, train))
         return nn.Dense(self.sizes[-1], use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                        kernel_init=linear_kernel_init, name=f"linear_{len(self.sizes) - 1}")(x)
+                        kernel_init=linear_kernel_init, dot_general=dense_function(self.kernel_grad),
+                        name=f"linear_{len(self.sizes) - 1}")(x)
 
 
 def _standardise(z: jax.Array, epsilon: float) -> jax.Array:

@@ -200,7 +200,8 @@ def build(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: 
         raise ValueError(f"DINO crop sizes {d.global_crop_size} and {d.local_crop_size} must be multiples of the "
                          f"ViT patch size {backbone.patch_size}.")
     head = parts.DINOHead(out_dim=d.out_dim, use_bn=d.use_bn_in_head, norm_last_layer=d.norm_last_layer,
-                          hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim)
+                          hidden_dim=d.hidden_dim, bottleneck_dim=d.bottleneck_dim,
+                          kernel_grad=arm_config.kernel_grad)
     epochs = config.num_epochs
     learning_rates = parts.cosine_scheduler(
         d.lr * config.batch_size / 256.0, d.min_lr, epochs, steps_per_epoch,

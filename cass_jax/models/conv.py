@@ -149,17 +149,27 @@ def _explicit_padding(padding: Any, kernel_shape: Sequence[int]) -> tuple | None
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def matmul_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
-                     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
-                     dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
-                     precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
-    """`lax.conv_general_dilated` with the same forward pass and a matrix-product kernel gradient."""
+def plain_padding(lhs: jax.Array, rhs: jax.Array, padding: Any, lhs_dilation: Sequence[int] | None = None,
+                  rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+                  feature_group_count: int = 1, batch_group_count: int = 1, precision: Any = None,
+                  preferred_element_type: Any = None) -> tuple | None:
+    """((top, bottom), (left, right)) when a `lax.conv_general_dilated` call is a plain NHWC/HWIO convolution
+    (no dilation, groups, precision or output type; padding explicit or "VALID"), else None."""
     plain = (lhs.ndim == 4 and feature_group_count == 1 and batch_group_count == 1
              and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC_HWIO)
              and preferred_element_type is None and precision is None)
-    explicit = _explicit_padding(padding, rhs.shape) if plain else None
+    return _explicit_padding(padding, rhs.shape) if plain else None
+
+
+def matmul_grad_conv(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                     lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                     dimension_numbers: Any = None, feature_group_count: int = 1, batch_group_count: int = 1,
+                     precision: Any = None, preferred_element_type: Any = None) -> jax.Array:
+    """`lax.conv_general_dilated` with the same forward pass and a matrix-product kernel gradient."""
+    explicit = plain_padding(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                             batch_group_count, precision, preferred_element_type)
     if explicit is None:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, batch_group_count, precision,

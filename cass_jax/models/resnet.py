@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from cass_jax.models.kernel_grad import conv_function
+from cass_jax.models.kernel_grad import conv_function, dense_function
 
 # kaiming_normal_(mode="fan_out", nonlinearity="relu"), as timm and torchvision initialise convs.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -198,7 +198,7 @@ class ResNet(nn.Module):
         else:
             logits = nn.Dense(
                 self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=linear_kernel_init, name="head",
+                kernel_init=linear_kernel_init, dot_general=dense_function(self.kernel_grad), name="head",
             )(features)
         return (logits, features) if return_features else logits
 

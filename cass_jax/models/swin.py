@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from cass_jax.models.kernel_grad import conv_function, dense_function
+from cass_jax.models.kernel_grad import batched_matmul_function, conv_function, dense_function
 from cass_jax.models.vit import Mlp, split_qkv
 
 # torch.nn.LayerNorm's default, which timm's Swin and SSL4MIS's Swin-UNet use.
@@ -128,13 +128,14 @@ class WindowAttention(nn.Module):
         qkv = dense(3 * dim, self.dtype, "qkv", self.kernel_grad)(x)
         qkv = qkv.reshape(windows, tokens, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = split_qkv(qkv)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q * (head_dim**-0.5), k).astype(jnp.float32) + bias
+        matmul = batched_matmul_function(self.kernel_grad)
+        scores = matmul(q * (head_dim**-0.5), k, transpose_b=True).astype(jnp.float32) + bias
         if mask is not None:
             num_windows = mask.shape[0]
             scores = scores.reshape(-1, num_windows, self.num_heads, tokens, tokens) + mask[None, :, None]
             scores = scores.reshape(windows, self.num_heads, tokens, tokens)
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(windows, tokens, dim)
+        out = matmul(weights, v).transpose(0, 2, 1, 3).reshape(windows, tokens, dim)
         return dense(dim, self.dtype, "proj", self.kernel_grad)(out)
 
 
