@@ -2,7 +2,7 @@
 
 python bench/cass_step.py [--settings big:4:224,big:2:384,small:16:224] [--iters 5] [--threads 2]
     [--reference ../shared/reference/torch_cass_step.py] [--device cpu|gpu] [--dtype float32|bfloat16]
-    [--kernel-grad auto|xla|matmul] [--xla-flags "..."]
+    [--kernel-grad auto|onednn|matmul|xla] [--xla-flags "..."]
 
 Each setting runs in fresh processes (JAX, then PyTorch), and prints one line ending in
 `ratio=<our median step time / timm median step time>` (below 1: we are faster).
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--reference", default=str(REPO.parent / "shared" / "reference" / "torch_cass_step.py"))
     parser.add_argument("--amp", action="store_true", help="reference in bf16 autocast (pair with --dtype bfloat16)")
     parser.add_argument("--kernel-grad", default="auto",
-                        help="config.cnn.kernel_grad and config.vit.kernel_grad: auto, xla or matmul")
+                        help="config.cnn.kernel_grad and config.vit.kernel_grad: auto, onednn, matmul or xla")
     parser.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for our step (e.g. to try an XLA option)")
     parser.add_argument("--skip-reference", action="store_true", help="time our step only")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

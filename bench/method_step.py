@@ -1,7 +1,7 @@
 """Our DINO and Barlow Twins training steps next to PyTorch + timm references, and CASS's time per epoch against DINO's.
 
 python bench/method_step.py [--settings dino:vit_tiny_patch16_224,dino:resnet18,barlow_twins:resnet18]
-    [--batch 16] [--global-size 224] [--local-size 96] [--local-crops 8] [--out-dim 65536]
+    [--kernel-grad auto|onednn|matmul|xla] [--batch 16] [--global-size 224] [--local-size 96] [--local-crops 8] [--out-dim 65536]
     [--crop-size 224] [--projector 8192-8192-8192] [--epoch-ratio small|big|none]
     [--iters 5] [--warmup 1] [--threads 2] [--device cpu|gpu] [--xla-flags "..."] [--skip-reference]
 

@@ -31,8 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = 384
     # The two arms: timm model names, and "random" or a weights file (ported with `python -m cass_jax.port`).
     # CASS compares the arms' ImageNet-head logits, so both keep num_classes=1000.
-    # kernel_grad: how each arm's kernel (weight) gradients are computed: "auto" (on CPU, matrix products XLA:CPU
-    # runs 1.2-27x faster per layer than its own; XLA's on GPU), "xla" or "matmul"; same values up to rounding.
+    # kernel_grad: which kernels each arm runs: "auto" (on CPU oneDNN's through XLA's FFI where it builds, else
+    # matrix-product kernel gradients XLA:CPU runs faster than its own; XLA's on GPU), "onednn", "matmul" or "xla";
+    # the same values up to rounding (README, "Speed on a CPU").
     # vit.last_block_class_token_only: the ViT's last block computes only the class token, the only one its
     # logits read (same outputs and gradients, ~6% fewer ViT FLOPs); False keeps every token of that block.
     c.cnn = ml_collections.ConfigDict(dict(

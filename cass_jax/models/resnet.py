@@ -166,7 +166,7 @@ class ResNet(nn.Module):
     stem_width: int = 64
     num_classes: int = 1000
     dtype: Any = jnp.float32
-    # How convolution kernel gradients are computed (models.kernel_grad): "auto", "xla" or "matmul".
+    # Which kernels the convolutions and the head run (models.kernel_grad): "auto", "onednn", "matmul" or "xla".
     kernel_grad: str = "auto"
 
     @property

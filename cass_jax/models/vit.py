@@ -196,7 +196,7 @@ class VisionTransformer(nn.Module):
     mlp_ratio: float = 4.0
     num_classes: int = 1000
     dtype: Any = jnp.float32
-    # How Dense kernel gradients are computed (models.kernel_grad): "auto", "xla" or "matmul".
+    # Which kernels the Dense layers and attention run (models.kernel_grad): "auto", "onednn", "matmul" or "xla".
     kernel_grad: str = "auto"
     last_block_class_token_only: bool = True
     interpolate_pos_encoding: bool = False
