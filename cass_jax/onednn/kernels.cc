@@ -1,21 +1,24 @@
-// oneDNN convolutions and matrix products as XLA FFI handlers, for cass_jax/onednn/ops.py on the CPU backend.
+// oneDNN convolutions, matrix products and ViT attention as XLA FFI handlers, for cass_jax/onednn/ops.py on the
+// CPU backend.
 //
 // Activations stay in XLA's row-major layouts (NHWC, [batch, rows, cols]); a convolution's HWIO kernel is reordered
 // into the layout the chosen oneDNN implementation wants on every call (kernels are small). Primitives are built
-// once per shape and kept. Math is strict float32: no implicit bf16 or tf32 even where the CPU has AMX.
+// once per shape and kept. Math is strict float32: no implicit bf16 or tf32 even where the CPU has AMX. Each call
+// runs single-threaded oneDNN primitives on XLA's intra-op pool (see Chunks).
 #include <omp.h>
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <stdexcept>
-#include <utility>
-#include <vector>
+#include <cstring>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -341,7 +344,9 @@ struct Attention {
     return memory::desc({rows, cols}, kF32, memory::dims{row_stride, col_stride});
   }
   std::string KeyFor(char kind) const {
-    return Key(kind, {batch, tokens, heads, dim, queries, static_cast<memory::dim>(scale * 1e6f)});
+    uint32_t scale_bits;
+    std::memcpy(&scale_bits, &scale, sizeof scale_bits);
+    return Key(kind, {batch, tokens, heads, dim, queries, scale_bits});
   }
 };
 
