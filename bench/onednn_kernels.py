@@ -9,9 +9,7 @@ products at 224 px. Threads: XLA's (and so oneDNN's, which runs on XLA's pool); 
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -19,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.conv_kernel_grad import median_ms  # noqa: E402
 from cass_jax import onednn  # noqa: E402
 from cass_jax.onednn import build  # noqa: E402
 from cass_jax.models.conv import NHWC_HWIO, matmul_grad_conv  # noqa: E402
@@ -34,16 +33,6 @@ CONVS = [(1, 224, 3, 64, 7, 2, 3), (1, 56, 64, 64, 3, 1, 1), (1, 56, 64, 128, 3,
 DENSES = [(197, 192, 576), (197, 192, 192), (197, 192, 768), (197, 768, 192)]
 # (tokens, heads, head dim): q k^T and weights v
 ATTENTION = [(197, 3, 64), (37, 3, 64)]
-
-
-def median_ms(function, *args, iters: int) -> float:
-    jax.block_until_ready(function(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(function(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def compare(label: str, ours, reference, args, iters: int) -> tuple[float, float]:
