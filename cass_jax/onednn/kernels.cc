@@ -180,13 +180,28 @@ struct Conv {
   }
 };
 
-// The kernel in the primitive's layout: the HWIO buffer itself, or a reordered copy of it.
-memory KernelFor(const Primitive& primitive, memory hwio) {
-  if (primitive.weights == hwio.get_desc()) return hwio;
-  memory reordered(primitive.weights, Engine());
-  Reorder(hwio, reordered);
-  return reordered;
-}
+// The HWIO kernel in the layout each of a call's primitives wants: the buffer itself, or a copy reordered once per
+// call and layout (the batch chunks share it instead of each reordering the kernel again).
+class KernelLayouts {
+ public:
+  explicit KernelLayouts(memory hwio) : hwio_(hwio) {}
+
+  memory For(const Primitive& primitive) {
+    if (primitive.weights == hwio_.get_desc()) return hwio_;
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const memory& reordered : reordered_)
+      if (reordered.get_desc() == primitive.weights) return reordered;
+    memory reordered(primitive.weights, Engine());
+    Reorder(hwio_, reordered);
+    reordered_.push_back(reordered);
+    return reordered;
+  }
+
+ private:
+  memory hwio_;
+  std::mutex mutex_;
+  std::vector<memory> reordered_;
+};
 
 template <typename Body>
 ffi::Error Guarded(Body body) {
@@ -204,6 +219,7 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return Guarded([&] {
     Conv whole = Conv::Of(x.dimensions(), kernel.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr);
     int64_t chunks = Chunks::Count(pool, whole.n);
+    KernelLayouts kernels(memory(whole.Kernel(Tag::hwio), Engine(), kernel.typed_data()));
     Chunks::Run(pool, chunks, [&](int64_t chunk) {
       auto [begin, end] = Chunks::Range(whole.n, chunks, chunk);
       Conv conv = whole.WithBatch(end - begin);
@@ -211,9 +227,8 @@ ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
         auto pd = conv.Forward();
         return Primitive{dnnl::convolution_forward(pd), pd.weights_desc(), pd.scratchpad_desc(), pd.impl_info_str()};
       });
-      memory hwio(conv.Kernel(Tag::hwio), Engine(), kernel.typed_data());
       Execute(*primitive, {{DNNL_ARG_SRC, memory(conv.Input(), Engine(), x.typed_data() + begin * conv.InputSize())},
-                           {DNNL_ARG_WEIGHTS, KernelFor(*primitive, hwio)},
+                           {DNNL_ARG_WEIGHTS, kernels.For(*primitive)},
                            {DNNL_ARG_DST, memory(conv.Output(), Engine(), y->typed_data() + begin * conv.OutputSize())}});
     });
   });
@@ -225,6 +240,7 @@ ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad, ffi::
   return Guarded([&] {
     Conv whole = Conv::Of(grad_x->dimensions(), kernel.dimensions(), grad.dimensions(), sh, sw, pt, pb, pl, pr);
     int64_t chunks = Chunks::Count(pool, whole.n);
+    KernelLayouts kernels(memory(whole.Kernel(Tag::hwio), Engine(), kernel.typed_data()));
     Chunks::Run(pool, chunks, [&](int64_t chunk) {
       auto [begin, end] = Chunks::Range(whole.n, chunks, chunk);
       Conv conv = whole.WithBatch(end - begin);
@@ -235,10 +251,9 @@ ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> grad, ffi::
         return Primitive{dnnl::convolution_backward_data(pd), pd.weights_desc(), pd.scratchpad_desc(),
                          pd.impl_info_str()};
       });
-      memory hwio(conv.Kernel(Tag::hwio), Engine(), kernel.typed_data());
       Execute(*primitive,
               {{DNNL_ARG_DIFF_DST, memory(conv.Output(), Engine(), grad.typed_data() + begin * conv.OutputSize())},
-               {DNNL_ARG_WEIGHTS, KernelFor(*primitive, hwio)},
+               {DNNL_ARG_WEIGHTS, kernels.For(*primitive)},
                {DNNL_ARG_DIFF_SRC, memory(conv.Input(), Engine(), grad_x->typed_data() + begin * conv.InputSize())}});
     });
   });
