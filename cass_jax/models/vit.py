@@ -15,7 +15,7 @@ import numpy as np
 from flax import linen as nn
 
 from cass_jax import onednn
-from cass_jax.models.kernel_grad import batched_matmul_function, dense_function, onednn_conv, resolve_kernel_grad
+from cass_jax.models.kernel_grad import dense_function, onednn_conv, resolve_kernel_grad
 
 dense_kernel_init = nn.initializers.truncated_normal(stddev=0.02)
 
@@ -129,10 +129,9 @@ class Attention(nn.Module):
         q, k, v = split_qkv(qkv)
         if class_token_only:
             q = q[:, :, :1]
-        matmul = batched_matmul_function(self.kernel_grad)
-        scores = matmul(q * (head_dim**-0.5), k, transpose_b=True)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q * (head_dim**-0.5), k)
         weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = matmul(weights, v).transpose(0, 2, 1, 3).reshape(batch, q.shape[2], dim)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3).reshape(batch, q.shape[2], dim)
         return dense(dim, self.dtype, "proj", self.kernel_grad)(out)
 
 
