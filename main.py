@@ -4,6 +4,11 @@ import os
 import sys
 from pathlib import Path
 
+from cass_jax.host_allocator import allocator_hint, rerun_with_hugepages
+
+# Before anything else: glibc reads its malloc tunables only at start-up (cass_jax/host_allocator.py says why).
+rerun_with_hugepages()
+
 # TensorFlow (behind TensorBoard writing and TFDS) prints oneDNN notices on import on some CPUs; it computes nothing here.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -12,7 +17,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cass_jax import onednn
-from cass_jax.host_allocator import allocator_hint
 from cass_jax.run import run
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)

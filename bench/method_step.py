@@ -4,6 +4,7 @@ python bench/method_step.py [--settings dino:vit_tiny_patch16_224,dino:resnet18,
     [--kernel-grad auto|onednn|matmul|xla] [--batch 16] [--global-size 224] [--local-size 96] [--local-crops 8] [--out-dim 65536]
     [--crop-size 224] [--projector 8192-8192-8192] [--epoch-ratio small|big|none]
     [--iters 5] [--warmup 1] [--threads 2] [--device cpu|gpu] [--xla-flags "..."] [--skip-reference]
+    [--ours-host-memory inherit|main]
 
 A setting is METHOD:BACKBONE (timm / our registry name). Defaults are the official recipes at a CPU-sized batch:
 DINO with 2 global crops at 224 px + 8 local crops at 96 px and out_dim 65536 (main_dino.py), Barlow Twins with two
@@ -15,10 +16,13 @@ code). Both sides: random weights and data, fp32, train mode, the same backbone,
 DINO's last layer trains from the first step (`freeze_last_layer=0`: the state of every epoch after the first). Each
 side runs in a fresh process, one after the other, with the same thread count (OMP_NUM_THREADS,
 torch.set_num_threads, XLA's intra-op threads), pinned with taskset to that many cores when fewer than the machine
-has; median of --iters steps after --warmup. Per side: s/step, images/s (images, not crops), peak RSS, minor page
-faults and kernel CPU seconds per step, (ours) compile seconds and XLA's FLOP count; then one line ending in
-`ratio=<our median / torch median>`. Our peak RSS includes the ~0.55 GiB of TensorFlow that configs/common.py's
-imports load (through the data package), as bench/cass_step.py's does.
+has, and in this process's environment, so host memory settings set before it (GLIBC_TUNABLES, which `python main.py`
+sets itself: cass_jax/host_allocator.py; LD_PRELOAD) apply to both sides alike (`--ours-host-memory main`: ours
+as `python main.py` runs it, the reference as is); median of --iters steps after --warmup. Per side: s/step,
+images/s (images, not crops), peak RSS, minor page faults and kernel CPU seconds per step, (ours) compile seconds and
+XLA's FLOP count; then one line ending in `ratio=<our median / torch median>`.
+Our peak RSS includes the ~0.55 GiB of TensorFlow that configs/common.py's imports load (through the data package),
+as bench/cass_step.py's does.
 
 --epoch-ratio (default small): CASS's time per epoch over DINO's, the paper's 0.27. With the same batch size both
 take the same steps per epoch, so the ratio is that of their step times. CASS trains a CNN and a ViT together in
@@ -46,6 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.cass_step import ARMS as CASS_ARMS  # noqa: E402
 from bench.cass_step import run_child  # noqa: E402
+from cass_jax.host_allocator import glibc_version, hugepage_environment, transparent_hugepage_mode  # noqa: E402
 
 METHODS = ("dino", "barlow_twins")
 EPOCHS, STEPS_PER_EPOCH = 100, 100  # schedule length (both sides); the values read, not the steps run
@@ -202,17 +207,18 @@ def child_env(threads: int, device: str, xla_flags: str) -> dict:
     return env
 
 
-def measure_cass(variant: str, args: argparse.Namespace, env: dict) -> dict:
+def measure_cass(variant: str, args: argparse.Namespace, envs: dict[str, dict]) -> dict:
     """bench/cass_step.py's two sides (our CASS step, ../shared/reference/torch_cass_step.py) at the DINO global crop
-    size; cass_step takes one warm-up step, then --iters."""
+    size, each in its environment from `envs`; cass_step takes one warm-up step, then --iters."""
     setting = f"{variant}:{args.batch}:{args.global_size}"
     results = {"jax": run_child(pin(args.threads) + [sys.executable, str(REPO / "bench" / "cass_step.py"),
-                                                     "--worker", setting, "--iters", str(args.iters)], env)}
+                                                     "--worker", setting, "--iters", str(args.iters)],
+                                 envs["jax"])}
     if not args.skip_reference:
         results["torch"] = run_child(pin(args.threads) + [
             sys.executable, args.cass_reference, variant, str(args.batch), str(args.global_size),
             "--iters", str(args.iters), "--threads", str(args.threads),
-            "--device", "cuda" if args.device == "gpu" else "cpu"], env)
+            "--device", "cuda" if args.device == "gpu" else "cpu"], envs["torch"])
     return results
 
 
@@ -255,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     command_line.add_argument("--kernel-grad", default="auto", choices=("auto", "xla", "matmul", "onednn"),
                               help="our models' kernels (cass_jax/models/kernel_grad.py)")
     command_line.add_argument("--skip-reference", action="store_true", help="time our steps only")
+    command_line.add_argument("--ours-host-memory", default="inherit", choices=("inherit", "main"),
+                              help="inherit: both sides in this process's environment; main: ours under the glibc "
+                                   "tunable `python main.py` restarts itself with (cass_jax/host_allocator.py)")
     command_line.add_argument("--worker", help=argparse.SUPPRESS)
     return command_line
 
@@ -276,6 +285,11 @@ def main() -> None:
     sides = ("jax",) if args.skip_reference else ("jax", "torch")
     allocator = " ".join(f"{name}={os.environ[name]}" for name in sorted(os.environ)
                          if name == "LD_PRELOAD" or name.startswith(("MALLOC_", "TCMALLOC_", "GLIBC_TUNABLES")))
+    envs = {"torch": env, "jax": env}
+    if args.ours_host_memory == "main":
+        envs["jax"] = hugepage_environment(env, glibc_version(), transparent_hugepage_mode()) or env
+        allocator = (f"{allocator or 'glibc defaults'}; ours as `python main.py` sets itself: "
+                     f"GLIBC_TUNABLES={envs['jax'].get('GLIBC_TUNABLES', '(unchanged)')}")
     print(f"{args.threads} threads, median of {args.iters} steps after {args.warmup} warm-up, device {args.device}, "
           f"allocator: {allocator or 'glibc defaults'}", flush=True)
     results: dict[tuple[str, str], dict] = {}
@@ -288,7 +302,7 @@ def main() -> None:
         print(describe(method, backbone, args), flush=True)
         result = {}
         for side in sides:
-            result[side] = run_child(worker + ["--worker", f"{side}:{method}:{backbone}"], env)
+            result[side] = run_child(worker + ["--worker", f"{side}:{method}:{backbone}"], envs[side])
             print(side_line(side, result[side]), flush=True)
         if "torch" in result:
             ours, theirs = result["jax"], result["torch"]
@@ -306,7 +320,7 @@ def main() -> None:
     if args.epoch_ratio != "none":
         cnn, vit = CASS_ARMS[args.epoch_ratio]
         dino = {backbone: run_setting("dino", backbone) for backbone in (vit, cnn)}
-        cass = measure_cass(args.epoch_ratio, args, env)
+        cass = measure_cass(args.epoch_ratio, args, envs)
         print(json.dumps({f"cass:{args.epoch_ratio}": cass}), file=sys.stderr)
         for side, result in cass.items():
             print(side_line(f"CASS {side}", result), flush=True)
