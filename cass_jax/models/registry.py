@@ -107,8 +107,9 @@ def create_model(name: str, num_classes: int = 1000, dtype: Any = jnp.float32, *
 
     `num_classes=0` removes the head (the model returns pooled features). ViTs accept `img_size=` to
     override the size in the name, `last_block_class_token_only=` and `interpolate_pos_encoding=`
-    (VisionTransformer); both families accept `kernel_grad=` ("auto", "onednn", "matmul" or "xla", see models.kernel_grad). Segmentation models (SEGMENTATION_BUILDERS)
-    need num_classes >= 1 and accept `in_channels=`; Swin-UNets also `img_size=`, `depths=`, `drop_path_rate=`.
+    (VisionTransformer); both families accept `kernel_grad=` ("auto", "onednn", "matmul" or "xla", see
+    models.kernel_grad). Segmentation models (SEGMENTATION_BUILDERS) need num_classes >= 1 and accept
+    `in_channels=`; Swin-UNets also `img_size=`, `depths=`, `drop_path_rate=`.
     """
     if name not in MODEL_BUILDERS:
         raise ValueError(f"Unknown model name {name!r}; known names: {', '.join(list_models())}.")
